@@ -1,0 +1,35 @@
+"""childtune-jax: Child-Tuning for JAX, as optax gradient transformations.
+
+Xu et al, "Raise a Child in Large Language Model: Towards Effective and Generalizable
+Fine-tuning", EMNLP 2021 (https://arxiv.org/abs/2109.05687).
+"""
+
+from childtune_jax.fisher import fisher_information
+from childtune_jax.masks import fisher_mask, is_encoder_layer, jaccard, kept_fraction, random_keep
+from childtune_jax.transform import (
+    SAMPLERS,
+    ChildTuningDState,
+    ChildTuningFState,
+    child_tuning_adamw,
+    child_tuning_d,
+    child_tuning_f,
+    default_weight_decay_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAMPLERS",
+    "ChildTuningDState",
+    "ChildTuningFState",
+    "child_tuning_adamw",
+    "child_tuning_d",
+    "child_tuning_f",
+    "default_weight_decay_mask",
+    "fisher_information",
+    "fisher_mask",
+    "is_encoder_layer",
+    "jaccard",
+    "kept_fraction",
+    "random_keep",
+]

@@ -1,0 +1,368 @@
+"""Child-Tuning as optax gradient transformations.
+
+Xu et al, "Raise a Child in Large Language Model: Towards Effective and Generalizable
+Fine-tuning", EMNLP 2021 (https://arxiv.org/abs/2109.05687).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from childtune_jax import _tree
+
+SAMPLERS = ("bernoulli", "uint16", "uint8")
+"""How :func:`child_tuning_f` draws its keep-mask.
+
+- ``"bernoulli"``: ``jax.random.bernoulli``: one 32-bit random word per scalar, ``p``
+  exact to float32.
+- ``"uint16"``: two decisions per 32-bit word (16-bit slices compared with
+  ``round(p * 2**16)``): ``p`` rounded to a multiple of ``2**-16``.
+- ``"uint8"``: four decisions per 32-bit word: ``p`` rounded to a multiple of ``2**-8``.
+
+The rescale always divides by the probability actually used, so the masked gradient
+stays unbiased whatever the sampler.
+"""
+
+
+def _check_reserve_p(reserve_p: Any, name: str = "reserve_p") -> None:
+  """Validates a concrete ``reserve_p``; traced values (inject_hyperparams) pass."""
+  if isinstance(reserve_p, jax.core.Tracer):
+    return
+  array = np.asarray(reserve_p)
+  if array.shape or array.dtype.kind not in "fiu" or isinstance(reserve_p, bool):
+    raise TypeError(f"{name} must be a number in (0, 1], got {reserve_p!r}")
+  value = float(array)
+  if not (0.0 < value <= 1.0):  # also rejects NaN
+    raise ValueError(f"{name} must be in (0, 1], got {reserve_p!r}")
+
+
+def _canonical_key(key: Any) -> jax.Array:
+  """An int seed, a raw uint32 key or a typed key, as a typed ``jax.random.key``."""
+  if key is None:
+    raise TypeError("key is required: pass an int seed or a jax.random.key")
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  if isinstance(key, jax.Array | np.ndarray):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      if key.shape:
+        raise ValueError(f"key must be a single key, got shape {key.shape}")
+      return key
+    if key.dtype == np.uint32 and key.shape[-1:] == (2,) and key.ndim == 1:
+      return jax.random.wrap_key_data(key)
+  raise TypeError(f"key must be an int seed or a jax.random.key, got {key!r}")
+
+
+class ChildTuningFState(NamedTuple):
+  """State of :func:`child_tuning_f`.
+
+  Attributes:
+    count: number of updates drawn so far (int32); the mask of update ``t`` comes from
+      ``fold_in(key, t)``.
+    key: the base PRNG key (typed), fixed for the run.
+  """
+
+  count: jax.Array
+  key: jax.Array
+
+
+def _packed_keep(
+    key: jax.Array, reserve_p: Any, shape: tuple[int, ...], width: int
+) -> tuple[jax.Array, jax.Array]:
+  """A keep-mask from ``32 // width`` slices of each 32-bit random word.
+
+  Words are laid out along the last axis, so the leading axes (and their sharding)
+  are untouched. Returns the mask and the probability it realises.
+  """
+  per_word = 32 // width
+  levels = 2**width
+  threshold = jnp.clip(jnp.round(jnp.asarray(reserve_p, jnp.float32) * levels), 1, levels)
+  threshold = threshold.astype(jnp.uint32)
+  full = shape if shape else (1,)
+  last = full[-1]
+  words = jax.random.bits(key, full[:-1] + (-(-last // per_word),), jnp.uint32)
+  shifts = jnp.arange(per_word, dtype=jnp.uint32) * width
+  slices = (words[..., None] >> shifts) & jnp.uint32(levels - 1)
+  slices = slices.reshape(full[:-1] + (-1,))[..., :last]
+  return (slices < threshold).reshape(shape), threshold.astype(jnp.float32) / levels
+
+
+def keep_mask_f(
+    key: jax.Array, reserve_p: Any, shape: tuple[int, ...], sampler: str = "bernoulli"
+) -> tuple[jax.Array, jax.Array]:
+  """One Child-Tuning_F keep-mask and the keep probability it realises."""
+  if sampler == "bernoulli":
+    return jax.random.bernoulli(key, reserve_p, shape), jnp.asarray(reserve_p, jnp.float32)
+  if sampler == "uint16":
+    return _packed_keep(key, reserve_p, shape, 16)
+  if sampler == "uint8":
+    return _packed_keep(key, reserve_p, shape, 8)
+  raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+def child_tuning_f(
+    reserve_p: float | jax.Array,
+    key: int | jax.Array,
+    *,
+    rescale: bool = True,
+    where: _tree.Where = None,
+    sampler: str = "bernoulli",
+) -> optax.GradientTransformation:
+  r"""Child-Tuning_F: masks updates with a fresh Bernoulli keep-mask every step.
+
+  For every scalar :math:`i` of every selected leaf, update :math:`t` draws
+  :math:`M_t(i) \sim \mathrm{Bernoulli}(p)` independently and returns
+
+  .. math::
+    u'_t(i) = u_t(i) \, M_t(i) / p \quad (\text{or } u_t(i) \, M_t(i) \text{ without rescale}).
+
+  The rescale keeps the masked gradient unbiased, :math:`E[u'_t] = u_t`. Place it
+  before the optimizer, as the reference code does (after global-norm clipping):
+  ``optax.chain(optax.clip_by_global_norm(1.0), child_tuning_f(p, key), optax.adamw(lr))``.
+  Inside ``optax.MultiSteps`` it draws one mask per optimizer step, applied to the
+  accumulated gradient; outside, one mask per micro-batch.
+
+  The mask of update :math:`t` is a pure function of ``(key, t)``: the same key gives
+  the same masks, on any number of devices and shardings.
+
+  Args:
+    reserve_p: the keep probability :math:`p \in (0, 1]` (the size of the child
+      network); ``1`` is the identity.
+    key: an int seed or a ``jax.random.key``; its PRNG implementation is used for the
+      masks (e.g. ``jax.random.key(0, impl="rbg")`` for a faster generator).
+    rescale: divide the kept entries by :math:`p` (the reference code does).
+    where: which leaves are masked: ``None`` (every leaf, as the reference code),
+      a predicate on a leaf's path string, or a static bool pytree. Other leaves pass
+      through unchanged.
+    sampler: how the random bits become a mask; see :data:`SAMPLERS`. With
+      ``"uint8"``/``"uint16"``, :math:`p` is rounded to a multiple of
+      :math:`2^{-8}`/:math:`2^{-16}` and the rescale uses the rounded value.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ChildTuningFState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from childtune_jax import child_tuning_f
+    >>> tx = optax.chain(child_tuning_f(0.3, key=0), optax.adamw(1e-3))
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates["w"].shape
+    (4, 3)
+
+  References:
+    Xu et al, `Raise a Child in Large Language Model: Towards Effective and
+    Generalizable Fine-tuning <https://arxiv.org/abs/2109.05687>`_, EMNLP 2021
+  """
+  _check_reserve_p(reserve_p)
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if sampler != "bernoulli" and not isinstance(reserve_p, jax.core.Tracer):
+    width = 8 if sampler == "uint8" else 16
+    if round(float(reserve_p) * 2**width) < 1:
+      raise ValueError(
+          f"reserve_p={reserve_p!r} rounds to 0 with sampler={sampler!r}; "
+          "use a larger reserve_p or sampler='bernoulli'"
+      )
+  key = _canonical_key(key)
+
+  def init_fn(params: optax.Params) -> ChildTuningFState:
+    del params
+    return ChildTuningFState(count=jnp.zeros([], jnp.int32), key=key)
+
+  def update_fn(
+      updates: optax.Updates, state: ChildTuningFState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, ChildTuningFState]:
+    del params
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    selected = _tree.resolve_where(where, updates)
+    step_key = jax.random.fold_in(state.key, state.count)
+    leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
+    out = []
+    for leaf_key, u, take in zip(leaf_keys, leaves, selected):
+      if not take:
+        out.append(u)
+        continue
+      keep, p = keep_mask_f(leaf_key, reserve_p, u.shape, sampler)
+      kept = (u / p).astype(u.dtype) if rescale else u
+      out.append(jnp.where(keep, kept, jnp.zeros_like(u)))
+    new_state = ChildTuningFState(count=optax.safe_int32_increment(state.count), key=state.key)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ChildTuningDState(NamedTuple):
+  """State of :func:`child_tuning_d`.
+
+  Attributes:
+    keep: bool pytree with the params' structure: ``True`` for the scalars of the
+      child network (updated), ``False`` for the rest (gradient zeroed).
+  """
+
+  keep: optax.Params
+
+
+def child_tuning_d(keep: optax.Params) -> optax.GradientTransformation:
+  r"""Child-Tuning_D: masks updates with a fixed keep-mask (the task-driven child network).
+
+  .. math::
+    u'_t(i) = u_t(i) \, M(i), \qquad M = \texttt{keep}
+
+  The mask is not rescaled. ``keep`` usually comes from :func:`fisher_mask` on the
+  :func:`fisher_information` of the task data. It is stored in the optimizer state
+  (so it is sharded, donated and checkpointed with it), never compiled in as a
+  constant. Masked entries become exact zeros (``jnp.where``), even where the update is
+  NaN or inf.
+
+  Args:
+    keep: a bool pytree with the structure and shapes of the params.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ChildTuningDState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from childtune_jax import child_tuning_d
+    >>> params = {"w": jnp.ones(4)}
+    >>> tx = child_tuning_d({"w": jnp.array([True, False, True, False])})
+    >>> updates, _ = tx.update(params, tx.init(params))
+    >>> updates["w"].tolist()
+    [1.0, 0.0, 1.0, 0.0]
+
+  References:
+    Xu et al, `Raise a Child in Large Language Model: Towards Effective and
+    Generalizable Fine-tuning <https://arxiv.org/abs/2109.05687>`_, EMNLP 2021
+  """
+  _tree.check_bool("keep", keep)
+
+  def init_fn(params: optax.Params) -> ChildTuningDState:
+    _tree.check_structure("keep", keep, params)
+    return ChildTuningDState(keep=jax.tree_util.tree_map(jnp.asarray, keep))
+
+  def update_fn(
+      updates: optax.Updates, state: ChildTuningDState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, ChildTuningDState]:
+    del params
+    _tree.check_structure("keep", state.keep, updates, reference_name="the updates")
+    masked = jax.tree_util.tree_map(
+        lambda u, k: jnp.where(k, u, jnp.zeros_like(u)), updates, state.keep
+    )
+    return masked, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+_NO_DECAY = re.compile(r"layer_?norm|^ln(_|$)", re.IGNORECASE)
+
+
+def default_weight_decay_mask(params: optax.Params) -> Any:
+  """The reference code's decay rule: no weight decay on biases and LayerNorm parameters.
+
+  A leaf is decayed unless its name is ``bias`` or a module on its path is a
+  LayerNorm (``LayerNorm``, ``layer_norm``, ``layernorm``, ``ln_*``).
+  """
+
+  def decay(path: tuple, leaf: Any) -> bool:
+    del leaf
+    names = _tree.path_str(path).split("/")
+    return names[-1] != "bias" and not any(_NO_DECAY.search(n) for n in names[:-1])
+
+  return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def child_tuning_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    mode: str,
+    reserve_p: float = 0.3,
+    key: int | jax.Array | None = None,
+    keep: optax.Params | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.01,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    where: _tree.Where = None,
+    sampler: str = "bernoulli",
+    freeze_non_child: bool = False,
+) -> optax.GradientTransformation:
+  r"""AdamW fed Child-Tuning-masked gradients: ``chain(child_tuning_*, adamw)``.
+
+  The mask comes first, so Adam's moments see the masked gradients (as in the
+  reference code). Non-child parameters still move a little, through the momentum of
+  earlier steps and through decoupled weight decay; ``freeze_non_child=True`` applies
+  the same mask to the final update too, so that they do not move at all (the
+  paper's wording).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    mode: ``"F"`` (task-free, needs ``key``) or ``"D"`` (task-driven, needs ``keep``).
+    reserve_p: keep probability of F (ignored by D, whose ``keep`` is given).
+    key: PRNG key or int seed for F.
+    keep: bool pytree (the child network) for D.
+    b1, b2, eps: Adam's parameters (the reference uses ``eps=1e-6``).
+    weight_decay: decoupled weight decay.
+    weight_decay_mask: which leaves decay: a bool pytree or a function of the params;
+      default :func:`default_weight_decay_mask` (no decay on biases and LayerNorm).
+    where: leaves F masks (see :func:`child_tuning_f`).
+    sampler: F's sampler (see :data:`SAMPLERS`).
+    freeze_non_child: also mask the final update.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from childtune_jax import child_tuning_adamw
+    >>> schedule = optax.linear_schedule(1e-3, 0.0, 100)
+    >>> tx = child_tuning_adamw(schedule, mode="F", reserve_p=0.3, key=0)
+    >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    >>> updates, state = tx.update(params, tx.init(params), params)
+
+  References:
+    Xu et al, `Raise a Child in Large Language Model: Towards Effective and
+    Generalizable Fine-tuning <https://arxiv.org/abs/2109.05687>`_, EMNLP 2021
+  """
+  mode_name = mode.upper() if isinstance(mode, str) else mode
+  if mode_name == "F":
+    if key is None:
+      raise ValueError("mode='F' needs a key (an int seed or a jax.random.key)")
+    if keep is not None:
+      raise ValueError("mode='F' draws its own masks: do not pass keep")
+
+    def make_mask(rescale: bool) -> optax.GradientTransformation:
+      return child_tuning_f(reserve_p, key, rescale=rescale, where=where, sampler=sampler)
+
+  elif mode_name == "D":
+    if keep is None:
+      raise ValueError("mode='D' needs keep (e.g. from fisher_mask)")
+
+    def make_mask(rescale: bool) -> optax.GradientTransformation:
+      del rescale
+      return child_tuning_d(keep)
+
+  else:
+    raise ValueError(f"mode must be 'F' or 'D', got {mode!r}")
+  adamw = optax.adamw(
+      learning_rate,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=weight_decay,
+      mask=default_weight_decay_mask if weight_decay_mask is None else weight_decay_mask,
+  )
+  if freeze_non_child:
+    # Same key and step count as the first mask, so the same mask, not rescaled.
+    return optax.chain(make_mask(True), adamw, make_mask(False))
+  return optax.chain(make_mask(True), adamw)
+

@@ -1,0 +1,172 @@
+"""Fisher information and top-p masks against Python loops and np.percentile."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from childtune_jax import (
+  fisher_information,
+  fisher_mask,
+  is_encoder_layer,
+  jaccard,
+  kept_fraction,
+  random_keep,
+)
+
+
+class _Classifier(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.tanh(nn.Dense(6, name="layer_0")(x))
+    return nn.Dense(3, name="classifier")(h)
+
+
+def _setup(n=11, seed=0):
+  rng = np.random.default_rng(seed)
+  model = _Classifier()
+  x = rng.normal(size=(n, 4)).astype(np.float32)
+  y = rng.integers(0, 3, size=n).astype(np.int32)
+  params = model.init(jax.random.key(seed), x)["params"]
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+  return loss_fn, params, x, y
+
+
+def _batches(x, y, size):
+  return [{"x": x[i:i + size], "y": y[i:i + size]} for i in range(0, len(x), size)]
+
+
+def _loop_fisher(loss_fn, params, x, y, max_norm=None):
+  """The paper's formula with a Python loop of jax.grad over single examples."""
+  total = jax.tree_util.tree_map(lambda p: np.zeros(p.shape, np.float64), params)
+  for i in range(len(x)):
+    g = jax.grad(loss_fn)(params, {"x": x[i:i + 1], "y": y[i:i + 1]})
+    g = jax.tree_util.tree_map(lambda a: _np_clip(np.asarray(a, np.float64), max_norm), g)
+    total = jax.tree_util.tree_map(lambda t, a: t + a * a, total, g)
+  return jax.tree_util.tree_map(lambda t: t / len(x), total)
+
+
+def _np_clip(g, max_norm):
+  if max_norm is None:
+    return g
+  return g * min(1.0, max_norm / (np.linalg.norm(g) + 1e-6))
+
+
+@pytest.mark.parametrize("batch_size,microbatch_size", [(4, None), (4, 3), (11, 2), (5, 1)])
+def test_per_example_fisher_equals_loop(batch_size, microbatch_size):
+  loss_fn, params, x, y = _setup()
+  got = fisher_information(loss_fn, params, _batches(x, y, batch_size),
+                           microbatch_size=microbatch_size, progress=False)
+  want = _loop_fisher(loss_fn, params, x, y)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=1e-9)
+
+
+def test_per_example_fisher_with_clip_equals_loop():
+  loss_fn, params, x, y = _setup()
+  got = fisher_information(loss_fn, params, _batches(x, y, 4), max_grad_norm=0.05, progress=False)
+  want = _loop_fisher(loss_fn, params, x, y, max_norm=0.05)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_per_batch_fisher_equals_formula(max_norm):
+  loss_fn, params, x, y = _setup()
+  batches = _batches(x, y, 4)
+  got = fisher_information(loss_fn, params, batches, per_example=False, max_grad_norm=max_norm,
+                           progress=False)
+  want = jax.tree_util.tree_map(lambda p: np.zeros(p.shape, np.float64), params)
+  for b in batches:
+    g = jax.grad(loss_fn)(params, b)
+    want = jax.tree_util.tree_map(
+        lambda t, a: t + _np_clip(np.asarray(a, np.float64), max_norm) ** 2, want, g)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), w / len(batches), rtol=2e-5, atol=1e-9)
+
+
+def test_fisher_bad_input():
+  loss_fn, params, x, y = _setup()
+  with pytest.raises(ValueError, match="batches is empty"):
+    fisher_information(loss_fn, params, [], progress=False)
+  with pytest.raises(ValueError, match="batches is empty"):
+    fisher_information(loss_fn, params, iter([]), per_example=False, progress=False)
+  with pytest.raises(ValueError, match="microbatch_size"):
+    fisher_information(loss_fn, params, _batches(x, y, 4), microbatch_size=0)
+  with pytest.raises(ValueError, match="max_grad_norm"):
+    fisher_information(loss_fn, params, _batches(x, y, 4), max_grad_norm=-1.0)
+  with pytest.raises(ValueError, match="leading batch axis"):
+    fisher_information(loss_fn, params, [{"x": x[:4], "y": y[:3]}], progress=False)
+
+
+def _random_tree(seed, shapes):
+  rng = np.random.default_rng(seed)
+  return {name: jnp.asarray(rng.exponential(size=s), jnp.float32) for name, s in shapes.items()}
+
+
+@pytest.mark.parametrize("reserve_p", [0.05, 0.1, 0.2, 0.3, 0.37, 0.5, 0.9, 1.0])
+def test_fisher_mask_matches_np_percentile(reserve_p):
+  shapes = {"bert/encoder/layer/0/kernel": (64, 33), "bert/encoder/layer/1/bias": (33,),
+            "bert/embeddings/word": (50, 16), "classifier/kernel": (16, 2)}
+  fisher = _random_tree(1, shapes)
+  keep = jax.jit(lambda f: f)(fisher_mask(fisher, reserve_p, where=is_encoder_layer))
+  chosen = [k for k in shapes if "layer" in k]
+  scores = np.concatenate([np.asarray(fisher[k]).ravel() for k in chosen])
+  assert len(np.unique(scores)) == scores.size  # tie-free input
+  polar = np.percentile(scores, (1 - reserve_p) * 100)
+  for name in shapes:
+    got = np.asarray(keep[name])
+    want = np.asarray(fisher[name]) >= polar if name in chosen else np.ones(shapes[name], bool)
+    np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_fisher_mask_ties_all_kept_and_negative_values_ordered():
+  keep = fisher_mask({"w": jnp.zeros(10)}, 0.3)
+  assert np.all(np.asarray(keep["w"]))
+  scores = np.array([-3.0, -0.0, 0.0, 2.5, -1e-30, 7.0, 1e-30, -7.0], np.float32)
+  keep = fisher_mask({"w": jnp.asarray(scores)}, 0.5)
+  np.testing.assert_array_equal(np.asarray(keep["w"]), scores >= np.percentile(scores, 50))
+
+
+def test_fisher_mask_bad_input():
+  with pytest.raises(ValueError, match="NaN or inf values at 'b'"):
+    fisher_mask({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}, 0.3)
+  with pytest.raises(ValueError, match="NaN or inf"):
+    fisher_mask({"a": jnp.array([jnp.nan])}, 0.3)
+  with pytest.raises(ValueError, match="reserve_p"):
+    fisher_mask({"a": jnp.ones(3)}, 0.0)
+  with pytest.raises(ValueError, match="selects no leaf"):
+    fisher_mask({"a": jnp.ones(3)}, 0.3, where=lambda path: False)
+
+
+def test_jaccard_and_kept_fraction_against_sets():
+  rng = np.random.default_rng(0)
+  a = {"x": rng.random((20, 7)) < 0.3, "y": rng.random(13) < 0.5}
+  b = {"x": rng.random((20, 7)) < 0.3, "y": rng.random(13) < 0.5}
+  flat = lambda t: {i for i, v in enumerate(np.concatenate([t["x"].ravel(), t["y"]])) if v}  # noqa: E731
+  want = len(flat(a) & flat(b)) / len(flat(a) | flat(b))
+  to_jnp = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731
+  assert jaccard(to_jnp(a), to_jnp(b)) == pytest.approx(want, rel=1e-12)
+  only_x = np.count_nonzero(a["x"] & b["x"]) / np.count_nonzero(a["x"] | b["x"])
+  assert jaccard(to_jnp(a), to_jnp(b), where=lambda p: p == "x") == pytest.approx(only_x)
+  assert jaccard(to_jnp(a), to_jnp(a)) == 1.0
+  assert kept_fraction(to_jnp(a)) == (len(flat(a)), 153)
+  with pytest.raises(ValueError, match="missing leaf 'y'"):
+    jaccard(to_jnp(a), {"x": jnp.asarray(b["x"])})
+  with pytest.raises(TypeError, match="bool"):
+    jaccard(to_jnp(a), {"x": jnp.ones((20, 7)), "y": jnp.ones(13)})
+
+
+def test_random_keep_size_and_unselected_leaves():
+  like = {"layer": jnp.zeros((300, 300)), "head": jnp.zeros(10)}
+  keep = random_keep(0, like, 0.2, where=is_encoder_layer)
+  n = 90_000
+  assert abs(int(np.sum(keep["layer"])) - 0.2 * n) < 6 * np.sqrt(n * 0.2 * 0.8)
+  assert np.all(np.asarray(keep["head"]))
