@@ -27,7 +27,7 @@ def _params(seed=0):
   }
 
 
-def _np_masks(key, step, tree, reserve_p, sampler="bernoulli"):
+def _np_masks(key, step, tree, reserve_p, sampler="uint8"):
   """The documented mask of leaf i at step t, recomputed from raw random bits in NumPy."""
   leaves = jax.tree_util.tree_leaves(tree)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(key), step), len(leaves))
@@ -180,6 +180,24 @@ def test_d_masks_with_fixed_keep():
     assert np.all(np.asarray(got)[~k] == 0)
 
 
+def test_state_can_be_donated_and_reinitialised():
+  g = {"w": jnp.ones(8)}
+  keep = {"w": jnp.arange(8) % 2 == 0}
+  tx = child_tuning_d(keep)
+  step = jax.jit(tx.update, donate_argnums=1)
+  _, state = step(g, tx.init(g))
+  out, _ = step(g, tx.init(g))
+  np.testing.assert_array_equal(np.asarray(out["w"]), np.arange(8) % 2 == 0)
+  assert not keep["w"].is_deleted()
+  key = jax.random.key(3)
+  tx = child_tuning_f(0.5, key)
+  step = jax.jit(tx.update, donate_argnums=1)
+  first, _ = step(g, tx.init(g))
+  again, _ = step(g, tx.init(g))
+  np.testing.assert_array_equal(np.asarray(first["w"]), np.asarray(again["w"]))
+  assert not key.is_deleted()
+
+
 def test_d_bad_keep():
   g = _params()
   keep = jax.tree_util.tree_map(lambda x: jnp.ones(jnp.shape(x), bool), g)
@@ -313,7 +331,7 @@ def test_multisteps_one_mask_per_optimizer_step():
 def test_inject_hyperparams_changes_reserve_p():
   g = {"w": jnp.ones(100_000)}
   tx = optax.inject_hyperparams(child_tuning_f, static_args=("key", "sampler"))(
-      reserve_p=0.5, key=0)
+      reserve_p=0.5, key=0, sampler="bernoulli")
   state = tx.init(g)
   update = jax.jit(tx.update)
   out, state = update(g, state)
@@ -364,7 +382,7 @@ def test_flax_train_state_and_nnx_optimizer():
 
   class Lin(nnx.Module):
     def __init__(self, rngs):
-      self.lin = nnx.Linear(3, 2, rngs=rngs)
+      self.lin = nnx.Linear(3, 64, rngs=rngs)
 
     def __call__(self, x):
       return self.lin(x)

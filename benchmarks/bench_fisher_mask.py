@@ -1,0 +1,65 @@
+"""``fisher_mask`` on 1e9 scalars (eight leaves of 125M float32): time and peak memory.
+
+Peak memory is the process's maximum resident set size, reported beside the size of the
+Fisher arrays themselves (4 GB) and of the bool mask it returns (1 GB).
+
+  python benchmarks/bench_fisher_mask.py --json benchmarks/results/fisher_mask.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import jax
+import numpy as np
+
+from childtune_jax import fisher_mask, kept_fraction
+
+
+def rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--leaves", type=int, default=8)
+  parser.add_argument("--leaf-size", type=int, default=125_000_000)
+  parser.add_argument("--reserve-p", type=float, default=0.3)
+  parser.add_argument("--json")
+  args = parser.parse_args()
+  base = rss_gb()
+  fisher = {f"layer_{i}": jax.random.exponential(jax.random.key(i), (args.leaf_size,))
+            for i in range(args.leaves)}
+  jax.block_until_ready(fisher)
+  with_fisher = rss_gb()
+  t = time.perf_counter()
+  keep = fisher_mask(fisher, args.reserve_p)
+  jax.block_until_ready(keep)
+  seconds = time.perf_counter() - t
+  peak = rss_gb()
+  kept, total = kept_fraction(keep)
+  fisher_gb = sum(x.nbytes for x in fisher.values()) / 2**30
+  mask_gb = sum(x.nbytes for x in keep.values()) / 2**30
+  result = {
+      "scalars": total, "seconds": seconds, "kept_fraction": kept / total,
+      "fisher_gb": fisher_gb, "mask_gb": mask_gb, "rss_before_gb": base,
+      "rss_with_fisher_gb": with_fisher, "peak_rss_gb": peak,
+      "peak_over_fisher_and_mask": (peak - base) / (fisher_gb + mask_gb),
+      "extra_gb_beyond_fisher_and_mask": peak - with_fisher - mask_gb,
+      "cpus": os.cpu_count(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+  }
+  assert np.isclose(kept / total, args.reserve_p, atol=1e-3)
+  for k, v in result.items():
+    print(f"{k:34s} {v:.3f}" if isinstance(v, float) else f"{k:34s} {v}")
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,4 @@
+
+from childtune_jax.cli import console_main
+
+console_main()

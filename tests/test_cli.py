@@ -1,0 +1,199 @@
+"""The ``childtune`` command line end to end, on real GLUE fixtures and a tiny BERT."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from childtune_jax import cli, data, train
+
+HERE = os.path.dirname(__file__)
+GLUE = os.path.join(HERE, "fixtures", "glue")
+TINY = os.path.join(HERE, "fixtures", "tiny-bert")
+FAST = ["--model", TINY, "--data-dir", GLUE, "--epochs", "1", "--batch-size", "8",
+        "--max-seq-length", "32", "--learning-rate", "1e-3"]
+
+
+def _results(out, seed=42):
+  with open(os.path.join(out, f"seed-{seed}", "results.json")) as f:
+    return json.load(f)
+
+
+def test_train_sst2_saves_a_loadable_model_and_true_accuracy(tmp_path):
+  out = str(tmp_path / "run")
+  assert cli.main(["train", "--task", "sst2", "--mode", "F", *FAST, "--output-dir", out]) == 0
+  res = _results(out)
+  assert res["config"]["mode"] == "F" and res["steps"] == 4  # 32 examples / 8
+  assert set(res["versions"]) >= {"jax", "optax", "flax", "transformers"}
+  # Reload with from_pretrained and score the dev set independently of the CLI's loop.
+  from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
+
+  model_dir = os.path.join(out, "seed-42", "model")
+  model = FlaxAutoModelForSequenceClassification.from_pretrained(model_dir)
+  tok = AutoTokenizer.from_pretrained(model_dir)
+  dev = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
+  correct = 0
+  for text, label in zip(dev.texts[0], dev.labels):
+    enc = tok([text], truncation=True, max_length=32, return_tensors="np")
+    correct += int(np.argmax(model(**enc).logits[0]) == label)
+  assert res["metrics"]["dev"]["accuracy"] == pytest.approx(correct / len(dev))
+  with open(os.path.join(out, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["metrics"]["dev/accuracy"]["mean"] == pytest.approx(correct / len(dev))
+
+
+def test_d_mask_cola_and_regression_stsb(tmp_path):
+  out = str(tmp_path / "d")
+  assert cli.main(["train", "--task", "cola", "--mode", "D", "--reserve-p", "0.2", *FAST,
+                   "--no-save-model", "--output-dir", out]) == 0
+  with np.load(os.path.join(out, "seed-42", "child_mask.npz")) as f:
+    masks = dict(f)
+  layer = np.concatenate([v.ravel() for k, v in masks.items() if "layer" in k])
+  assert abs(layer.mean() - 0.2) < 0.01  # ties are rare for real gradients
+  assert all(v.all() for k, v in masks.items() if "layer" not in k)
+  res = _results(out)
+  assert res["child_network"]["fraction"] == pytest.approx(layer.mean())
+  assert set(res["metrics"]["dev"]) == {"matthews"}
+  out2 = str(tmp_path / "stsb")
+  assert cli.main(["train", "--task", "stsb", "--mode", "D", "--fisher", "per-batch", *FAST,
+                   "--no-save-model", "--output-dir", out2]) == 0
+  metrics = _results(out2)["metrics"]["dev"]
+  assert set(metrics) == {"pearson", "spearman"} and all(np.isfinite(list(metrics.values())))
+
+
+def test_own_csv_files_and_overlap(tmp_path, capsys):
+  rte = data.read_glue_tsv(data.TASKS["rte"], os.path.join(GLUE, "RTE", "train.tsv"))
+  path = tmp_path / "mine.csv"
+  import csv
+
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["premise", "claim", "gold"])
+    for a, b, y in zip(*rte.texts, rte.labels):
+      w.writerow([a, b, data.TASKS["rte"].labels[y]])
+  outs = []
+  for seed in (1, 2):
+    out = str(tmp_path / f"own{seed}")
+    outs.append(out)
+    argv = ["train", "--task", "rte", "--mode", "D", "--model", TINY, "--train-file", str(path),
+            "--validation-file", str(path), "--text-columns", "premise,claim",
+            "--label-column", "gold", "--epochs", "1", "--batch-size", "16",
+            "--max-seq-length", "32", "--max-train-samples", "20", "--seeds", str(seed),
+            "--no-save-model", "--output-dir", out]
+    assert cli.main(argv) == 0
+    assert _results(out, seed)["train_examples"] == 20
+  files = [os.path.join(o, f"seed-{s}", "child_mask.npz") for o, s in zip(outs, (1, 2))]
+  result_json = str(tmp_path / "overlap.json")
+  assert cli.main(["overlap", *files, "--names", "a", "b", "--json", result_json]) == 0
+  a, b = (dict(np.load(f)) for f in files)
+  inter = sum(int((a[k] & b[k]).sum()) for k in a if "layer" in k)
+  union = sum(int((a[k] | b[k]).sum()) for k in a if "layer" in k)
+  with open(result_json) as f:
+    assert json.load(f)["jaccard"][0][1] == pytest.approx(inter / union)
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+  args = ["train", "--task", "mrpc", "--mode", "F", *FAST, "--epochs", "2", "--save-every", "3"]
+  full = str(tmp_path / "full")
+  assert cli.main(args + ["--output-dir", full]) == 0
+
+  class Killed(Exception):
+    pass
+
+  calls = {"n": 0}
+  real = data.make_batch
+
+  def dying(*a, **k):
+    calls["n"] += 1
+    if calls["n"] == 6:  # dies in step 6, after the checkpoint of step 3
+      raise Killed
+    return real(*a, **k)
+
+  part = str(tmp_path / "part")
+  monkeypatch.setattr(data, "make_batch", dying)
+  with pytest.raises(Killed):
+    cli.main(args + ["--output-dir", part])
+  monkeypatch.setattr(data, "make_batch", real)
+  assert os.path.isdir(os.path.join(part, "seed-42", "checkpoints", "3"))
+  assert cli.main(args + ["--output-dir", part, "--resume"]) == 0
+  assert _results(part)["metrics"] == _results(full)["metrics"]
+  from transformers import FlaxAutoModelForSequenceClassification
+
+  load = FlaxAutoModelForSequenceClassification.from_pretrained
+  a, b = (load(os.path.join(d, "seed-42", "model")) for d in (full, part))
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _bad(tmp_path, capsys, argv, message):
+  out = str(tmp_path / "never")
+  status = cli.main(argv + ["--output-dir", out] if argv[0] == "train" else argv)
+  err = capsys.readouterr().err.strip()
+  assert status == 2
+  assert len(err.splitlines()) == 1 and message in err, err
+  assert not os.path.exists(out)
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys):
+  base = ["train", "--task", "sst2", "--mode", "F", "--model", TINY]
+  _bad(tmp_path, capsys, base + ["--data-dir", str(tmp_path / "nope")], "does not exist")
+  (tmp_path / "SST-2").mkdir()
+  (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\n")
+  (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+  _bad(tmp_path, capsys, base + ["--data-dir", str(tmp_path)], "no examples")
+  (tmp_path / "SST-2" / "train.tsv").write_text("text\tlabel\nfine\t1\n")
+  _bad(tmp_path, capsys, base + ["--data-dir", str(tmp_path)], "missing column(s) ['sentence']")
+  (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\nfine\t1\nbad\t7\n")
+  _bad(tmp_path, capsys, base + ["--data-dir", str(tmp_path)], "label '7' is outside")
+  _bad(tmp_path, capsys, ["train", "--task", "sst2", "--mode", "F", "--data-dir", GLUE,
+                          "--model", str(tmp_path / "no-model")], "does not exist")
+  _bad(tmp_path, capsys, base + ["--train-file", str(tmp_path / "x.csv"),
+                                 "--validation-file", str(tmp_path / "x.csv"),
+                                 "--text-columns", "a", "--label-column", "b"], "cannot read")
+  _bad(tmp_path, capsys, ["overlap", str(tmp_path / "missing.npz")], "cannot read mask")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--task", "nope", "--mode", "F"],
+    ["--task", "sst2", "--mode", "F", "--reserve-p", "1.5"],
+    ["--task", "sst2", "--mode", "F", "--reserve-p", "0"],
+    ["--task", "sst2", "--mode", "Z"],
+])
+def test_bad_arguments_exit_2(tmp_path, capsys, argv):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["train", *argv, "--output-dir", str(tmp_path / "x")])
+  assert e.value.code == 2
+  assert not os.path.exists(tmp_path / "x")
+
+
+def test_refuses_finished_output_and_hub_without_network(tmp_path, capsys, monkeypatch):
+  out = tmp_path / "done"
+  (out / "seed-42").mkdir(parents=True)
+  (out / "seed-42" / "results.json").write_text("{}")
+  status = cli.main(["train", "--task", "sst2", "--mode", "F", *FAST, "--output-dir", str(out)])
+  assert status == 2 and "already holds a finished run" in capsys.readouterr().err
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  status = cli.main(["train", "--task", "sst2", "--mode", "F", "--data-dir", GLUE, "--model",
+                     "someone/no-such-model", "--output-dir", str(tmp_path / "hub")])
+  err = capsys.readouterr().err
+  assert status == 2 and "--model DIR" in err and not (tmp_path / "hub").exists()
+
+
+def test_dynamic_padding_buckets():
+  enc = data.Encoded([[1] * 5, [1] * 17, [1] * 40], [[0] * 5, [0] * 17, [0] * 40],
+                     np.array([0, 1, 0], np.int32))
+  assert data.make_batch(enc, [0], 128, 0)["input_ids"].shape == (1, 16)
+  assert data.make_batch(enc, [0, 1], 128, 0)["input_ids"].shape == (2, 32)
+  b = data.make_batch(enc, [2, 0], 32, 0, rows=4)
+  assert b["input_ids"].shape == (4, 32)
+  np.testing.assert_array_equal(b["weights"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(b["attention_mask"][1], [1] * 5 + [0] * 27)
+
+
+def test_schedule_is_hf_linear_with_warmup():
+  s = train.linear_warmup_decay(1.0, total=100, warmup_ratio=0.1)
+  for step in (0, 5, 10, 55, 100):
+    want = step / 10 if step < 10 else (100 - step) / 90
+    assert float(s(step)) == pytest.approx(want, abs=1e-6)
