@@ -25,16 +25,21 @@ def is_encoder_layer(path: str) -> bool:
   return "layer" in path
 
 
-def _order_key(x: jax.Array) -> jax.Array:
-  """Maps float32 values to uint32 keys with the same order (``-0.0`` counts as ``+0.0``)."""
-  x = x.astype(jnp.float32)
-  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
-  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+def _order_key(value: float) -> int:
+  """The uint32 key of a float32 with the same order (``-0.0`` and ``+0.0`` equal)."""
+  bits = int(np.array(value + 0.0, np.float32).view(np.uint32))
+  return (~bits & 0xFFFFFFFF) if bits >> 31 else bits | (1 << 31)
+
+
+def _key_float(key: int) -> np.float32:
+  """The float32 whose order key is ``key`` (inverse of :func:`_order_key`)."""
+  bits = (key & 0x7FFFFFFF) if key >> 31 else (~key & 0xFFFFFFFF)
+  return np.array(bits, np.uint32).view(np.float32)
 
 
 @jax.jit
-def _count_at_least(leaves: list[jax.Array], key: jax.Array) -> jax.Array:
-  return jnp.stack([jnp.sum(_order_key(x) >= key, dtype=jnp.uint32) for x in leaves])
+def _count_at_least(leaves: list[jax.Array], threshold: jax.Array) -> jax.Array:
+  return jnp.stack([jnp.sum(x >= threshold, dtype=jnp.uint32) for x in leaves])
 
 
 @jax.jit
@@ -59,8 +64,9 @@ def fisher_mask(
   code's ``np.percentile(all_scores, (1 - reserve_p) * 100)`` and the child network is
   :math:`\{i : F(i) \ge \tau\}`; unselected leaves are all ``True`` (always trained).
 
-  Nothing is concatenated or sorted: :math:`\tau` is found by bisection on the 32-bit
-  order key of float32 scores, each of the 32 steps one fused counting pass per leaf.
+  Nothing is concatenated or sorted: :math:`\tau` is found by bisection over the
+  float32 values in the order of their bits, each of the 32 steps one fused counting
+  pass ``sum(score >= t)`` per leaf.
   Extra memory is O(1) per leaf, so it works for billions of parameters and for
   sharded arrays (the masks come out sharded like the scores).
 
@@ -100,16 +106,18 @@ def fisher_mask(
     raise ValueError(f"fisher has NaN or inf values at {paths[int(np.argmin(finite))]!r}")
   n = sum(x.size for x in leaves)
   k = _percentile_keep_count(n, float(reserve_p))
-  lo, hi = 0, 2**32 - 1  # largest key with count(order_key >= key) >= k
+  # Bisection over the float32 values between -inf and +inf, in the order of their keys:
+  # the largest threshold with count(score >= threshold) >= k.
+  lo, hi = _order_key(-np.inf), _order_key(np.inf)
   while lo < hi:
     mid = (lo + hi + 1) // 2
-    count = int(np.asarray(_count_at_least(leaves, jnp.uint32(mid)), np.int64).sum())
+    count = int(np.asarray(_count_at_least(leaves, _key_float(mid)), np.int64).sum())
     lo, hi = (mid, hi) if count >= k else (lo, mid - 1)
-  threshold = jnp.uint32(lo)
+  threshold = _key_float(lo)
   out = []
   for (_, x), take in zip(flat, selected):
     if take:
-      out.append(_order_key(jnp.asarray(x)) >= threshold)
+      out.append(jnp.asarray(x) >= threshold)
     else:
       out.append(jnp.ones(jnp.shape(x), jnp.bool_))
   return jax.tree_util.tree_unflatten(treedef, out)
