@@ -38,8 +38,16 @@ def _key_float(key: int) -> np.float32:
 
 
 @jax.jit
-def _count_at_least(leaves: list[jax.Array], threshold: jax.Array) -> jax.Array:
-  return jnp.stack([jnp.sum(x >= threshold, dtype=jnp.uint32) for x in leaves])
+def _count_leaf(x: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+  return jnp.stack([jnp.sum(x >= low, dtype=jnp.uint32), jnp.sum(x >= high, dtype=jnp.uint32)])
+
+
+def _counts(leaves: list[jax.Array], low: np.float32, high: np.float32) -> tuple[int, int]:
+  """Scores ``>= low`` and ``>= high``, one leaf at a time (one leaf's temporaries alive)."""
+  total = np.zeros(2, np.int64)
+  for x in leaves:
+    total += np.asarray(_count_leaf(x, low, high), np.int64)
+  return int(total[0]), int(total[1])
 
 
 @jax.jit
@@ -55,6 +63,47 @@ def _percentile_keep_count(n: int, reserve_p: float) -> int:
   return n - below if pos == below else n - below - 1
 
 
+def _kth_largest_bisection(leaves: list[jax.Array], k: int) -> np.float32:
+  """The k-th largest score: bisection over float32 values in the order of their bits.
+
+  The largest threshold with ``count(score >= threshold) >= k``; 32 counting passes.
+  """
+  lo, hi = _order_key(-np.inf), _order_key(np.inf)
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    t = _key_float(mid)
+    lo, hi = (mid, hi) if _counts(leaves, t, t)[0] >= k else (lo, mid - 1)
+  return _key_float(lo)
+
+
+def _kth_largest_bracketed(
+    leaves: list[jax.Array], k: int, sample_size: int = 1 << 20, max_candidates: int = 1 << 24
+) -> np.float32 | None:
+  """The k-th largest score in about 3 passes, or ``None`` if the bracket misses.
+
+  A strided sample brackets the k-th largest value in ``[low, high)``; one pass counts
+  the scores at or above each end, a last one gathers the few candidates inside the
+  bracket, and the answer is read off them. Exact: the sample only decides how much work
+  the last step has.
+  """
+  n = sum(x.size for x in leaves)
+  stride = max(1, n // sample_size)
+  sample = np.sort(np.concatenate([np.asarray(x.reshape(-1)[::stride], np.float32)
+                                   for x in leaves]))[::-1]  # descending
+  m = len(sample)
+  rank = k / n * m  # expected position of the k-th largest in the sample
+  margin = 6 * math.sqrt(m * (k / n) * (1 - k / n)) + 8
+  high_i, low_i = int(rank - margin), int(math.ceil(rank + margin))
+  high = sample[high_i] if high_i >= 0 else np.float32(np.inf)
+  low = sample[low_i] if low_i < m else np.float32(-np.inf)
+  at_least_low, at_least_high = _counts(leaves, low, high)
+  if not at_least_high < k <= at_least_low or at_least_low - at_least_high > max_candidates:
+    return None
+  candidates = np.concatenate([
+      np.asarray(x[(x >= low) & (x < high)], np.float32).ravel() for x in leaves])
+  return np.sort(candidates)[::-1][k - at_least_high - 1]
+
+
 def fisher_mask(
     fisher: optax.Params, reserve_p: float, *, where: _tree.Where = None
 ) -> optax.Params:
@@ -64,10 +113,12 @@ def fisher_mask(
   code's ``np.percentile(all_scores, (1 - reserve_p) * 100)`` and the child network is
   :math:`\{i : F(i) \ge \tau\}`; unselected leaves are all ``True`` (always trained).
 
-  Nothing is concatenated or sorted: :math:`\tau` is found by bisection over the
-  float32 values in the order of their bits, each of the 32 steps one fused counting
-  pass ``sum(score >= t)`` per leaf.
-  Extra memory is O(1) per leaf, so it works for billions of parameters and for
+  Nothing is concatenated or sorted: a strided sample of about a million scores
+  brackets :math:`\tau`, one fused pass counts the scores above each end of the
+  bracket, and :math:`\tau` is read off the few scores inside it (about 3 passes in
+  all). If the bracket misses (heavy ties, an unlucky sample) it falls back to bisection
+  over the float32 values in the order of their bits (32 counting passes). Extra memory
+  is a comparison of one leaf at a time, so it works for billions of parameters and for
   sharded arrays (the masks come out sharded like the scores).
 
   Ties: every scalar equal to the threshold is kept (``>=``, as the reference), so the
@@ -106,14 +157,9 @@ def fisher_mask(
     raise ValueError(f"fisher has NaN or inf values at {paths[int(np.argmin(finite))]!r}")
   n = sum(x.size for x in leaves)
   k = _percentile_keep_count(n, float(reserve_p))
-  # Bisection over the float32 values between -inf and +inf, in the order of their keys:
-  # the largest threshold with count(score >= threshold) >= k.
-  lo, hi = _order_key(-np.inf), _order_key(np.inf)
-  while lo < hi:
-    mid = (lo + hi + 1) // 2
-    count = int(np.asarray(_count_at_least(leaves, _key_float(mid)), np.int64).sum())
-    lo, hi = (mid, hi) if count >= k else (lo, mid - 1)
-  threshold = _key_float(lo)
+  threshold = _kth_largest_bracketed(leaves, k)
+  if threshold is None:
+    threshold = _kth_largest_bisection(leaves, k)
   out = []
   for (_, x), take in zip(flat, selected):
     if take:

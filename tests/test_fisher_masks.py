@@ -127,6 +127,19 @@ def test_fisher_mask_matches_np_percentile(reserve_p):
     np.testing.assert_array_equal(got, want, err_msg=name)
 
 
+@pytest.mark.parametrize("k", [1, 17, 5000, 9999, 10000])
+def test_kth_largest_bracketed_and_bisection_agree_with_sort(k):
+  from childtune_jax.masks import _kth_largest_bisection, _kth_largest_bracketed
+
+  rng = np.random.default_rng(k)
+  leaves = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in (6000, 3000, 1000)]
+  leaves[1] = leaves[1].at[:500].set(0.25)  # a block of ties
+  want = np.sort(np.concatenate([np.asarray(x) for x in leaves]))[::-1][k - 1]
+  assert _kth_largest_bisection(leaves, k) == want
+  assert _kth_largest_bracketed(leaves, k, sample_size=64) == want
+  assert _kth_largest_bracketed(leaves, k, sample_size=1 << 20) == want
+
+
 def test_fisher_mask_ties_all_kept_and_negative_values_ordered():
   keep = fisher_mask({"w": jnp.zeros(10)}, 0.3)
   assert np.all(np.asarray(keep["w"]))
