@@ -70,6 +70,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--scale", type=float, default=1.0, help="shrink the model for a smoke run")
+  parser.add_argument("--impls", nargs="+", default=["threefry2x32", "rbg", "unsafe_rbg"])
   parser.add_argument("--json", help="write the results here")
   args = parser.parse_args()
   params = bert_base_like(args.scale)
@@ -78,8 +79,8 @@ def main() -> None:
   keep = jax.tree_util.tree_map(
       lambda x: jax.random.bernoulli(jax.random.key(1), 0.3, x.shape), params)
   cases = {"adamw": adamw, "D (bool keep)": optax.chain(child_tuning_d(keep), adamw)}
-  for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
-    for sampler in ("bernoulli", "uint16", "uint8"):
+  for impl in args.impls:
+    for sampler in ("bernoulli", "uint16", "uint8", "hash8"):
       key = jax.random.key(0, impl=impl)
       cases[f"F {impl} {sampler}"] = optax.chain(child_tuning_f(0.3, key, sampler=sampler), adamw)
   rows = []

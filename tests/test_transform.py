@@ -27,6 +27,16 @@ def _params(seed=0):
   }
 
 
+def _np_fmix32(h):
+  """MurmurHash3's fmix32 in uint64 arithmetic, reduced mod 2**32 after each product."""
+  h = np.asarray(h, np.uint64)
+  h ^= h >> np.uint64(16)
+  h = (h * np.uint64(0x85EBCA6B)) & np.uint64(0xFFFFFFFF)
+  h ^= h >> np.uint64(13)
+  h = (h * np.uint64(0xC2B2AE35)) & np.uint64(0xFFFFFFFF)
+  return h ^ (h >> np.uint64(16))
+
+
 def _np_masks(key, step, tree, reserve_p, sampler="uint8"):
   """The documented mask of leaf i at step t, recomputed from raw random bits in NumPy."""
   leaves = jax.tree_util.tree_leaves(tree)
@@ -38,10 +48,16 @@ def _np_masks(key, step, tree, reserve_p, sampler="uint8"):
       u = np.asarray(jax.random.uniform(k, shape, jnp.float32))
       out.append((u < np.float32(reserve_p), np.float32(reserve_p)))
     else:
-      width = {"uint8": 8, "uint16": 16}[sampler]
+      width = {"uint8": 8, "uint16": 16, "hash8": 8}[sampler]
       full = shape or (1,)
       per = 32 // width
-      words = np.asarray(jax.random.bits(k, full[:-1] + (-(-full[-1] // per),), jnp.uint32))
+      word_shape = full[:-1] + (-(-full[-1] // per),)
+      if sampler == "hash8":
+        s0, s1 = (int(v) for v in np.asarray(jax.random.bits(k, (2,), jnp.uint32)))
+        index = np.arange(int(np.prod(word_shape)), dtype=np.uint64).reshape(word_shape)
+        words = _np_fmix32(_np_fmix32((index + s0) & 0xFFFFFFFF) ^ s1).astype(np.uint32)
+      else:
+        words = np.asarray(jax.random.bits(k, word_shape, jnp.uint32))
       small = words.view(np.uint8 if width == 8 else np.uint16)  # little-endian slices
       small = small.reshape(full[:-1] + (-1,))[..., : full[-1]].reshape(shape)
       t = round(reserve_p * 2**width)
@@ -49,7 +65,7 @@ def _np_masks(key, step, tree, reserve_p, sampler="uint8"):
   return out
 
 
-@pytest.mark.parametrize("sampler", ["bernoulli", "uint16", "uint8"])
+@pytest.mark.parametrize("sampler", ["bernoulli", "uint16", "uint8", "hash8"])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_f_matches_numpy(sampler, rescale):
   p, key = 0.3, 11
@@ -85,7 +101,7 @@ def test_f_where_predicate_and_tree_pass_other_leaves_through():
 
 def test_f_kept_fraction_within_binomial_bound():
   p, n = 0.3, 200_000
-  for sampler in ("bernoulli", "uint16", "uint8"):
+  for sampler in ("bernoulli", "uint16", "uint8", "hash8"):
     tx = child_tuning_f(p, 5, sampler=sampler)
     g = {"w": jnp.ones((400, 500))}
     out, _ = jax.jit(tx.update)(g, tx.init(g))
@@ -93,6 +109,22 @@ def test_f_kept_fraction_within_binomial_bound():
     # 6 standard deviations of Binomial(n, p): fails by chance with probability < 1e-8.
     # uint8 rounds p to 77/256 = 0.30078, 1.7 sd away at this n, inside the bound.
     assert abs(kept - p * n) < 6 * np.sqrt(n * p * (1 - p)), (sampler, kept)
+
+
+@pytest.mark.parametrize("sampler", ["uint8", "hash8"])
+def test_f_masks_independent_across_steps_and_leaves(sampler):
+  """Joint keep rates of two steps, and of two leaves, match p**2 (independence)."""
+  p, n = 0.3, 200_000
+  g = {"a": jnp.ones((400, 500)), "b": jnp.ones((400, 500))}
+  tx = child_tuning_f(p, 9, sampler=sampler)
+  update = jax.jit(tx.update)
+  first, state = update(g, tx.init(g))
+  second, _ = update(g, state)
+  q = (77 / 256) ** 2  # p rounded to 1/256, squared
+  bound = 6 * np.sqrt(n * q * (1 - q))
+  for x, y in ((first["a"], second["a"]), (first["a"], first["b"])):
+    both = int(np.count_nonzero((np.asarray(x) != 0) & (np.asarray(y) != 0)))
+    assert abs(both - q * n) < bound, both
 
 
 def test_f_unbiased():
