@@ -78,6 +78,7 @@ def _fraction(text: str) -> float:
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
   from childtune_jax.train import DEFAULT_MODEL, MODES
+  from childtune_jax.transform import SAMPLERS
 
   p.add_argument("--mode", choices=MODES, required=True,
                  help="vanilla AdamW, Child-Tuning_F, Child-Tuning_D, or D's size with a random "
@@ -105,6 +106,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
   p.add_argument("--weight-decay", type=float, default=0.01)
   p.add_argument("--max-seq-length", type=_positive_int, default=128)
+  p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0],
+                 help="how F draws its masks (default hash8: fastest; bernoulli: exact p)")
   p.add_argument("--freeze-non-child", action="store_true",
                  help="also mask the final update, so non-child weights do not move at all")
   p.add_argument("--random-like", metavar="MASK",
@@ -238,7 +241,8 @@ def train_command(args: argparse.Namespace) -> dict:
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
         max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
         fisher=args.fisher, fisher_microbatch=args.fisher_microbatch,
-        freeze_non_child=args.freeze_non_child, save_every=args.save_every,
+        freeze_non_child=args.freeze_non_child, sampler=args.sampler,
+        save_every=args.save_every,
         save_model=not args.no_save_model)
     results[seed] = train.run(cfg, train_set, evals, seed_dir, resume=args.resume,
                               keep_like_d=args.random_like)

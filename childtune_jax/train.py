@@ -54,6 +54,7 @@ class TrainConfig:
   fisher: str = "per-example"
   fisher_microbatch: int = 8
   freeze_non_child: bool = False
+  sampler: str = "hash8"
   save_every: int | None = None
   save_model: bool = True
   eval_batch_size: int = 64
@@ -300,7 +301,8 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
     core = optax.adamw(schedule, mask=default_weight_decay_mask, **adamw_kwargs)
   elif cfg.mode == "F":
     core = child_tuning_adamw(schedule, mode="F", reserve_p=cfg.reserve_p, key=cfg.seed,
-                              freeze_non_child=cfg.freeze_non_child, **adamw_kwargs)
+                              sampler=cfg.sampler, freeze_non_child=cfg.freeze_non_child,
+                              **adamw_kwargs)
   else:
     core = child_tuning_adamw(schedule, mode="D", keep=keep,
                               freeze_non_child=cfg.freeze_non_child, **adamw_kwargs)

@@ -37,7 +37,7 @@ def _np_fmix32(h):
   return h ^ (h >> np.uint64(16))
 
 
-def _np_masks(key, step, tree, reserve_p, sampler="uint8"):
+def _np_masks(key, step, tree, reserve_p, sampler="hash8"):
   """The documented mask of leaf i at step t, recomputed from raw random bits in NumPy."""
   leaves = jax.tree_util.tree_leaves(tree)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(key), step), len(leaves))
