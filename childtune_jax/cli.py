@@ -26,54 +26,27 @@ class UsageError(Exception):
   """Bad input: printed as one line, exit status 2."""
 
 
-def _reserve_p(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-  if not 0.0 < value <= 1.0:
-    raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-  return value
+def _checked(convert: type, ok: Any, requirement: str) -> Any:
+  """An argparse ``type`` that converts with ``convert`` and checks ``ok(value)``."""
+  noun = "an integer" if convert is int else "a number"
+
+  def parse(text: str) -> Any:
+    try:
+      value = convert(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
+    if not ok(value):  # NaN fails every check
+      raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+    return value
+
+  return parse
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-  return value
-
-
-def _seed(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"seeds are non-negative, got {text}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-  return value
-
-
-def _fraction(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-  if not 0.0 <= value < 1.0:
-    raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-  return value
+_reserve_p = _checked(float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+_positive_int = _checked(int, lambda v: v >= 1, "must be at least 1")
+_seed = _checked(int, lambda v: v >= 0, "seeds are non-negative")
+_positive_float = _checked(float, lambda v: v > 0, "must be positive")
+_fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
