@@ -5,14 +5,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
