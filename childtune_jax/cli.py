@@ -79,6 +79,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
   p.add_argument("--weight-decay", type=float, default=0.01)
   p.add_argument("--max-seq-length", type=_positive_int, default=128)
+  p.add_argument("--pad-multiple", type=_positive_int, default=16,
+                 help="batches are padded to their longest sequence rounded up to this "
+                      "(fewer shapes to compile with a larger one)")
   p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0],
                  help="how F draws its masks (default hash8: fastest; bernoulli: exact p)")
   p.add_argument("--freeze-non-child", action="store_true",
@@ -212,7 +215,8 @@ def train_command(args: argparse.Namespace) -> dict:
         task=task.name, mode=args.mode, seed=seed, reserve_p=args.reserve_p, model=args.model,
         learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-        max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
+        max_seq_length=args.max_seq_length, pad_multiple=args.pad_multiple,
+        max_train_samples=args.max_train_samples,
         fisher=args.fisher, fisher_microbatch=args.fisher_microbatch,
         freeze_non_child=args.freeze_non_child, sampler=args.sampler,
         save_every=args.save_every,
@@ -261,6 +265,7 @@ def demo_command(args: argparse.Namespace) -> list:
   for mode in ("vanilla", "F", "D"):
     argv = ["train", "--task", "sst2", "--mode", mode, "--data-dir", DEMO_DATA,
             "--output-dir", os.path.join(out, mode), "--max-seq-length", "64",
+            "--pad-multiple", "32",
             "--learning-rate", "1e-4", "--no-save-model", "--resume",
             "--seeds", *map(str, args.seeds)]
     logger.info("demo: %s", " ".join(argv))

@@ -291,7 +291,7 @@ def fisher_order(n: int, seed: int) -> np.ndarray:
 
 
 def batches(data: Encoded, batch_size: int, max_length: int, pad_id: int,
-            order: Sequence[int] | None = None, pad_rows: bool = False
+            order: Sequence[int] | None = None, pad_rows: bool = False, bucket: int = 16
             ) -> Iterator[dict[str, np.ndarray]]:
   """Consecutive batches of ``data`` in ``order`` (default: as stored).
 
@@ -300,4 +300,4 @@ def batches(data: Encoded, batch_size: int, max_length: int, pad_id: int,
   order = np.arange(len(data)) if order is None else np.asarray(order)
   for start in range(0, len(order), batch_size):
     yield make_batch(data, order[start:start + batch_size], max_length, pad_id,
-                     rows=batch_size if pad_rows else None)
+                     rows=batch_size if pad_rows else None, bucket=bucket)

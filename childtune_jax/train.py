@@ -49,6 +49,7 @@ class TrainConfig:
   warmup_ratio: float = 0.1
   weight_decay: float = 0.01
   max_seq_length: int = 128
+  pad_multiple: int = 16
   max_grad_norm: float = 1.0
   max_train_samples: int | None = None
   fisher: str = "per-example"
@@ -273,7 +274,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       t = time.perf_counter()
       order = data.fisher_order(len(train_enc), cfg.seed)
       fisher_batches = list(data.batches(train_enc, cfg.batch_size, cfg.max_seq_length, pad_id,
-                                         order))
+                                         order, bucket=cfg.pad_multiple))
       per_example = cfg.fisher == "per-example"
       fisher = fisher_information(
           lambda p, b: loss_fn(p, b), params, fisher_batches, per_example=per_example,
@@ -331,7 +332,8 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       epoch, offset = divmod(step, steps_per_epoch)
       order = data.epoch_order(len(train_enc), cfg.seed, epoch)
       index = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size]
-      batch = data.make_batch(train_enc, index, cfg.max_seq_length, pad_id, rows=cfg.batch_size)
+      batch = data.make_batch(train_enc, index, cfg.max_seq_length, pad_id, rows=cfg.batch_size,
+                              bucket=cfg.pad_multiple)
       params, opt_state, loss = train_step(params, opt_state, batch, jnp.int32(step))
       step += 1
       losses.append(loss)
@@ -349,7 +351,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   for name, enc in eval_enc.items():
     outs = []
     for batch in tqdm(data.batches(enc, cfg.eval_batch_size, cfg.max_seq_length, pad_id,
-                                   pad_rows=True),
+                                   pad_rows=True, bucket=cfg.pad_multiple),
                       total=math.ceil(len(enc) / cfg.eval_batch_size), desc=f"eval {name}",
                       disable=None, leave=False):
       outs.append(np.asarray(eval_logits(params, batch), np.float32))
