@@ -12,26 +12,19 @@ same idle machine, gives the absolute JAX/PyTorch ratio). Needs torch
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import numpy as np
 import torch
-from bench_train_step import SIZES
+from bench_train_step import SIZES, step_parser
 from transformers import BertConfig, BertForSequenceClassification
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", choices=sorted(SIZES), default="mini")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser = step_parser(__doc__)
   parser.add_argument("--reserve-p", type=float, default=0.3)
-  parser.add_argument("--json")
   args = parser.parse_args()
   torch.manual_seed(0)
   config = BertConfig(vocab_size=30522, num_labels=2, **SIZES[args.size])

@@ -47,15 +47,21 @@ def reset_peak() -> None:
     f.write("5")
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_parser(doc: str) -> argparse.ArgumentParser:
+  """The options shared by the train-step benchmarks: model size, batch shape, repetitions."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   parser.add_argument("--size", choices=sorted(SIZES), default="mini")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--json", help="write the results here")
+  return parser
+
+
+def main() -> None:
+  parser = step_parser(__doc__)
   parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 4, 16])
-  parser.add_argument("--json")
   args = parser.parse_args()
   config = BertConfig(vocab_size=30522, num_labels=2, **SIZES[args.size])
   model = FlaxBertForSequenceClassification(config, seed=0)
