@@ -38,16 +38,16 @@ def _key_float(key: int) -> np.float32:
 
 
 @jax.jit
-def _count_leaf(x: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
-  return jnp.stack([jnp.sum(x >= low, dtype=jnp.uint32), jnp.sum(x >= high, dtype=jnp.uint32)])
+def _count_leaf(x: jax.Array, thresholds: jax.Array) -> jax.Array:
+  return jnp.stack([jnp.sum(x >= t, dtype=jnp.uint32) for t in thresholds])
 
 
-def _counts(leaves: list[jax.Array], low: np.float32, high: np.float32) -> tuple[int, int]:
-  """Scores ``>= low`` and ``>= high``, one leaf at a time (one leaf's temporaries alive)."""
-  total = np.zeros(2, np.int64)
+def _counts(leaves: list[jax.Array], *thresholds: np.float32) -> list[int]:
+  """Scores ``>=`` each threshold, one leaf at a time (one leaf's temporaries alive)."""
+  total = np.zeros(len(thresholds), np.int64)
   for x in leaves:
-    total += np.asarray(_count_leaf(x, low, high), np.int64)
-  return int(total[0]), int(total[1])
+    total += np.asarray(_count_leaf(x, np.asarray(thresholds, np.float32)), np.int64)
+  return [int(c) for c in total]
 
 
 @jax.jit
@@ -72,7 +72,8 @@ def _kth_largest_bisection(leaves: list[jax.Array], k: int) -> np.float32:
   while lo < hi:
     mid = (lo + hi + 1) // 2
     t = _key_float(mid)
-    lo, hi = (mid, hi) if _counts(leaves, t, t)[0] >= k else (lo, mid - 1)
+    (count,) = _counts(leaves, t)
+    lo, hi = (mid, hi) if count >= k else (lo, mid - 1)
   return _key_float(lo)
 
 
