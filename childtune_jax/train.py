@@ -277,7 +277,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
                                          order, bucket=cfg.pad_multiple))
       per_example = cfg.fisher == "per-example"
       fisher = fisher_information(
-          lambda p, b: loss_fn(p, b), params, fisher_batches, per_example=per_example,
+          loss_fn, params, fisher_batches, per_example=per_example,
           microbatch_size=cfg.fisher_microbatch if per_example else None,
           max_grad_norm=None if per_example else cfg.max_grad_norm)
       keep = fisher_mask(fisher, cfg.reserve_p, where=is_encoder_layer)
@@ -328,9 +328,11 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   losses = []
   with tqdm(total=total_steps, initial=step, desc=f"train seed {cfg.seed}", unit="step",
             disable=None) as bar:
+    order_epoch, order = None, None
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
-      order = data.epoch_order(len(train_enc), cfg.seed, epoch)
+      if epoch != order_epoch:
+        order_epoch, order = epoch, data.epoch_order(len(train_enc), cfg.seed, epoch)
       index = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size]
       batch = data.make_batch(train_enc, index, cfg.max_seq_length, pad_id, rows=cfg.batch_size,
                               bucket=cfg.pad_multiple)
