@@ -6,6 +6,7 @@ Fine-tuning", EMNLP 2021 (https://arxiv.org/abs/2109.05687).
 
 from childtune_jax.fisher import fisher_information
 from childtune_jax.masks import fisher_mask, is_encoder_layer, jaccard, kept_fraction, random_keep
+from childtune_jax.packing import pack_keep, unpack_keep
 from childtune_jax.transform import (
     SAMPLERS,
     ChildTuningDState,
@@ -31,5 +32,7 @@ __all__ = [
     "is_encoder_layer",
     "jaccard",
     "kept_fraction",
+    "pack_keep",
     "random_keep",
+    "unpack_keep",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -11,6 +13,7 @@ import numpy as np
 import optax
 
 from childtune_jax import _tree
+from childtune_jax import packing as _packing
 from childtune_jax.transform import _canonical_key, _check_reserve_p
 
 
@@ -37,9 +40,32 @@ def _key_float(key: int) -> np.float32:
   return np.array(bits, np.uint32).view(np.float32)
 
 
+_CHUNK = 1 << 20
+
+
+def _chunked_sum(fn: Callable[..., jax.Array], *arrays: jax.Array) -> jax.Array:
+  """``fn`` summed over chunks of the flattened ``arrays`` (traceable).
+
+  One reduction over a whole large leaf makes XLA:CPU materialise its converted input
+  (4 bytes per scalar: ~1 GB for 125M); a loop over 1M-scalar chunks keeps the
+  temporaries at a few MB, and is faster too.
+  """
+  flats = [a.reshape(-1) for a in arrays]
+  full = flats[0].size // _CHUNK
+  total = fn(*(f[full * _CHUNK:] for f in flats))
+  if not full:
+    return total
+
+  def body(i: jax.Array, acc: jax.Array) -> jax.Array:
+    return acc + fn(*(jax.lax.dynamic_slice(f, (i * _CHUNK,), (_CHUNK,)) for f in flats))
+
+  return jax.lax.fori_loop(0, full, body, total)
+
+
 @jax.jit
 def _count_leaf(x: jax.Array, thresholds: jax.Array) -> jax.Array:
-  return jnp.stack([jnp.sum(x >= t, dtype=jnp.uint32) for t in thresholds])
+  return _chunked_sum(
+      lambda p: jnp.stack([jnp.sum(p >= t, dtype=jnp.uint32) for t in thresholds]), x)
 
 
 def _counts(leaves: list[jax.Array], *thresholds: np.float32) -> list[int]:
@@ -51,8 +77,8 @@ def _counts(leaves: list[jax.Array], *thresholds: np.float32) -> list[int]:
 
 
 @jax.jit
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+def _nonfinite_count(x: jax.Array) -> jax.Array:
+  return _chunked_sum(lambda p: jnp.sum(~jnp.isfinite(p), dtype=jnp.uint32), x)
 
 
 def _percentile_keep_count(n: int, reserve_p: float) -> int:
@@ -100,13 +126,33 @@ def _kth_largest_bracketed(
   at_least_low, at_least_high = _counts(leaves, low, high)
   if not at_least_high < k <= at_least_low or at_least_low - at_least_high > max_candidates:
     return None
-  candidates = np.concatenate([
-      np.asarray(x[(x >= low) & (x < high)], np.float32).ravel() for x in leaves])
+  candidates = np.concatenate([_between(x, low, high) for x in leaves])
   return np.sort(candidates)[::-1][k - at_least_high - 1]
 
 
+def _between(x: jax.Array, low: np.float32, high: np.float32, chunk: int = 1 << 24) -> np.ndarray:
+  """The scores of ``x`` in ``[low, high)``, gathered on the host a chunk at a time.
+
+  A boolean index of the whole leaf (``x[cond]``) would hold an int32 prefix sum of
+  its size; chunks keep the transient memory at a few times ``chunk`` scalars.
+  """
+  flat = x.reshape(-1)
+  out = []
+  for start in range(0, flat.size, chunk):
+    part = np.asarray(flat[start:start + chunk], np.float32)
+    out.append(part[(part >= low) & (part < high)])
+  return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+@functools.partial(jax.jit, static_argnames="packing")
+def _mask_leaf(x: jax.Array, threshold: jax.Array, packing: str | None) -> jax.Array:
+  keep = x >= threshold
+  return keep if packing is None else _packing.pack_leaf(keep, packing)
+
+
 def fisher_mask(
-    fisher: optax.Params, reserve_p: float, *, where: _tree.Where = None
+    fisher: optax.Params, reserve_p: float, *, where: _tree.Where = None,
+    packing: str | None = None,
 ) -> optax.Params:
   r"""Keeps the top ``reserve_p`` fraction of scalars by score, under one global threshold.
 
@@ -132,9 +178,12 @@ def fisher_mask(
     reserve_p: fraction of the selected scalars to keep, in (0, 1].
     where: leaves that take part: ``None`` (all), a path predicate such as
       :func:`is_encoder_layer` (the reference's choice), or a static bool pytree.
+    packing: ``"uint8"`` or ``"uint32"`` to return the mask bit-packed (see
+      :func:`pack_keep`), one leaf at a time: 1/8 of the bool mask's memory.
 
   Returns:
-    A bool pytree with the structure of ``fisher``, for :func:`child_tuning_d`.
+    A bool pytree with the structure of ``fisher`` (or its packed words), for
+    :func:`child_tuning_d`.
 
   Raises:
     ValueError: ``reserve_p`` outside (0, 1], a NaN or inf score, or no selected leaf.
@@ -147,15 +196,17 @@ def fisher_mask(
     [False, True, False, True]
   """
   _check_reserve_p(reserve_p)
+  if packing is not None:
+    _packing.check_packing(packing)
   flat, treedef = jax.tree_util.tree_flatten_with_path(fisher)
   selected = _tree.resolve_where(where, fisher)
   leaves = [jnp.asarray(x) for (_, x), take in zip(flat, selected) if take]
   if not leaves:
     raise ValueError("fisher_mask: where selects no leaf")
-  finite = np.asarray(_all_finite(leaves))
-  if not finite.all():
-    paths = [_tree.path_str(p) for (p, _), take in zip(flat, selected) if take]
-    raise ValueError(f"fisher has NaN or inf values at {paths[int(np.argmin(finite))]!r}")
+  paths = [_tree.path_str(p) for (p, _), take in zip(flat, selected) if take]
+  for path, x in zip(paths, leaves):
+    if int(_nonfinite_count(x)):
+      raise ValueError(f"fisher has NaN or inf values at {path!r}")
   n = sum(x.size for x in leaves)
   k = _percentile_keep_count(n, float(reserve_p))
   threshold = _kth_largest_bracketed(leaves, k)
@@ -164,17 +215,28 @@ def fisher_mask(
   out = []
   for (_, x), take in zip(flat, selected):
     if take:
-      out.append(jnp.asarray(x) >= threshold)
-    else:
-      out.append(jnp.ones(jnp.shape(x), jnp.bool_))
+      out.append(_mask_leaf(jnp.asarray(x), threshold, packing))
+    else:  # always trained, whatever its scores (NaN included)
+      ones = jnp.ones(jnp.shape(x), jnp.bool_)
+      out.append(ones if packing is None else _packing.pack_leaf(ones, packing))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _ones(x: jax.Array) -> jax.Array:
+  """Set bits (packed words) or ``True`` entries (bools), per element, as uint32."""
+  return jax.lax.population_count(x).astype(jnp.uint32) if x.dtype != jnp.bool_ else x
+
+
 @jax.jit
-def _overlap_counts(a: list[jax.Array], b: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  inter = jnp.stack([jnp.sum(x & y, dtype=jnp.uint32) for x, y in zip(a, b)])
-  union = jnp.stack([jnp.sum(x | y, dtype=jnp.uint32) for x, y in zip(a, b)])
-  return inter, union
+def _overlap_leaf(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``[|a & b|, |a | b|]`` of one leaf."""
+  return _chunked_sum(lambda x, y: jnp.stack([jnp.sum(_ones(x & y), dtype=jnp.uint32),
+                                              jnp.sum(_ones(x | y), dtype=jnp.uint32)]), a, b)
+
+
+@jax.jit
+def _ones_leaf(x: jax.Array) -> jax.Array:
+  return _chunked_sum(lambda p: jnp.sum(_ones(p), dtype=jnp.uint32), x)
 
 
 def _selected_leaves(keep: Any, where: _tree.Where) -> list[jax.Array]:
@@ -187,7 +249,8 @@ def jaccard(keep_a: optax.Params, keep_b: optax.Params, *, where: _tree.Where = 
 
   Counted over all scalars of the selected leaves (``where``; pass
   :func:`is_encoder_layer` to leave out the always-trained leaves of a D mask). Two
-  empty child networks are equal: their coefficient is 1.
+  empty child networks are equal: their coefficient is 1. Both masks may be bool or
+  both packed the same way (:func:`pack_keep`), which counts set bits directly.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -195,18 +258,27 @@ def jaccard(keep_a: optax.Params, keep_b: optax.Params, *, where: _tree.Where = 
     >>> jaccard({"w": jnp.array([True, True, False])}, {"w": jnp.array([True, False, True])})
     0.3333333333333333
   """
-  _tree.check_bool("keep_a", keep_a)
-  _tree.check_bool("keep_b", keep_b)
+  _packing.check_mask_dtypes("keep_a", keep_a)
+  _packing.check_mask_dtypes("keep_b", keep_b)
+  _tree.check_structure("keep_b", keep_b, keep_a, check_shapes=False)
+  for path, a, b in zip(_tree.leaf_paths(keep_a), jax.tree_util.tree_leaves(keep_a),
+                        jax.tree_util.tree_leaves(keep_b)):
+    if a.dtype != b.dtype:
+      raise ValueError(f"keep_a and keep_b differ at {path!r}: {a.dtype} vs {b.dtype} "
+                       "(pack both masks the same way, or neither)")
   _tree.check_structure("keep_b", keep_b, keep_a)
-  inter, union = _overlap_counts(_selected_leaves(keep_a, where), _selected_leaves(keep_b, where))
-  inter, union = int(np.asarray(inter, np.int64).sum()), int(np.asarray(union, np.int64).sum())
+  inter = union = 0
+  for a, b in zip(_selected_leaves(keep_a, where), _selected_leaves(keep_b, where)):
+    counts = np.asarray(_overlap_leaf(a, b), np.int64)
+    inter, union = inter + int(counts[0]), union + int(counts[1])
   return 1.0 if union == 0 else inter / union
 
 
 def kept_fraction(keep: optax.Params, *, where: _tree.Where = None) -> tuple[int, int]:
-  """``(kept, total)`` scalar counts of a child network over the selected leaves."""
+  """``(kept, total)`` scalar counts of a child network (bool leaves) over the selected leaves."""
+  _tree.check_bool("keep (unpack a packed mask with unpack_keep first)", keep)
   leaves = _selected_leaves(keep, where)
-  kept = sum(int(jnp.sum(x, dtype=jnp.uint32)) for x in leaves)
+  kept = sum(int(_ones_leaf(x)) for x in leaves)
   return kept, sum(x.size for x in leaves)
 
 

@@ -305,7 +305,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
                               sampler=cfg.sampler, freeze_non_child=cfg.freeze_non_child,
                               **adamw_kwargs)
   else:
-    core = child_tuning_adamw(schedule, mode="D", keep=keep,
+    core = child_tuning_adamw(schedule, mode="D", keep=keep, packing="uint8",
                               freeze_non_child=cfg.freeze_non_child, **adamw_kwargs)
   tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), core)
   opt_state = tx.init(params)

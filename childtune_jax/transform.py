@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from childtune_jax import _tree
+from childtune_jax import packing as _packing
 
 SAMPLERS = ("hash8", "uint8", "uint16", "bernoulli")
 """How :func:`child_tuning_f` draws its keep-mask (default ``"hash8"``).
@@ -254,7 +255,9 @@ class ChildTuningDState(NamedTuple):
   keep: optax.Params
 
 
-def child_tuning_d(keep: optax.Params) -> optax.GradientTransformation:
+def child_tuning_d(
+    keep: optax.Params, *, packing: str | None = None
+) -> optax.GradientTransformation:
   r"""Child-Tuning_D: masks updates with a fixed keep-mask (the task-driven child network).
 
   .. math::
@@ -267,8 +270,15 @@ def child_tuning_d(keep: optax.Params) -> optax.GradientTransformation:
   entries become exact zeros (``jnp.where``), even where the update is
   NaN or inf.
 
+  A bool mask costs one byte per parameter in the state; bit-packed (``packing``, or
+  leaves packed by :func:`pack_keep`) it costs one bit, and the update unpacks it inside
+  the same fused loop (``benchmarks/RESULTS.md`` measures the cost).
+
   Args:
-    keep: a bool pytree with the structure and shapes of the params.
+    keep: a pytree with the structure of the params whose leaves are bool arrays of
+      the params' shapes, or words packed by :func:`pack_keep` (``uint8``/``uint32``).
+    packing: ``"uint8"`` or ``"uint32"`` to keep bool leaves bit-packed in the state;
+      ``None`` (default) stores them as given.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ChildTuningDState`.
@@ -277,7 +287,7 @@ def child_tuning_d(keep: optax.Params) -> optax.GradientTransformation:
     >>> import jax.numpy as jnp
     >>> from childtune_jax import child_tuning_d
     >>> params = {"w": jnp.ones(4)}
-    >>> tx = child_tuning_d({"w": jnp.array([True, False, True, False])})
+    >>> tx = child_tuning_d({"w": jnp.array([True, False, True, False])}, packing="uint8")
     >>> updates, _ = tx.update(params, tx.init(params))
     >>> updates["w"].tolist()
     [1.0, 0.0, 1.0, 0.0]
@@ -286,22 +296,32 @@ def child_tuning_d(keep: optax.Params) -> optax.GradientTransformation:
     Xu et al, `Raise a Child in Large Language Model: Towards Effective and
     Generalizable Fine-tuning <https://arxiv.org/abs/2109.05687>`_, EMNLP 2021
   """
-  _tree.check_bool("keep", keep)
+  if packing is not None:
+    _packing.check_packing(packing)
+  _packing.check_mask_dtypes("keep", keep)
+
+  def store(leaf: Any) -> jax.Array:
+    # A copy: a train step that donates the optimizer state must not delete `keep`.
+    if packing is None or _packing.is_packed(leaf):
+      return jnp.array(leaf)
+    return _packing.pack_leaf(jnp.asarray(leaf), packing)
 
   def init_fn(params: optax.Params) -> ChildTuningDState:
-    _tree.check_structure("keep", keep, params)
-    # A copy: a train step that donates the optimizer state must not delete `keep`.
-    return ChildTuningDState(keep=jax.tree_util.tree_map(jnp.array, keep))
+    _packing.check_packed("keep", keep, params)
+    return ChildTuningDState(keep=jax.tree_util.tree_map(store, keep))
 
   def update_fn(
       updates: optax.Updates, state: ChildTuningDState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, ChildTuningDState]:
     del params
-    _tree.check_structure("keep", state.keep, updates, reference_name="the updates")
-    masked = jax.tree_util.tree_map(
-        lambda u, k: jnp.where(k, u, jnp.zeros_like(u)), updates, state.keep
-    )
-    return masked, state
+    _packing.check_packed("keep", state.keep, updates, reference_name="the updates")
+
+    def mask(u: jax.Array, k: jax.Array) -> jax.Array:
+      if _packing.is_packed(k):
+        k = _packing.unpack_leaf(k, u.shape)
+      return jnp.where(k, u, jnp.zeros_like(u))
+
+    return jax.tree_util.tree_map(mask, updates, state.keep), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -339,6 +359,7 @@ def child_tuning_adamw(
     where: _tree.Where = None,
     sampler: str = "hash8",
     freeze_non_child: bool = False,
+    packing: str | None = None,
 ) -> optax.GradientTransformation:
   r"""AdamW fed Child-Tuning-masked gradients: ``chain(child_tuning_*, adamw)``.
 
@@ -361,6 +382,8 @@ def child_tuning_adamw(
     where: leaves F masks (see :func:`child_tuning_f`).
     sampler: F's sampler (see :data:`SAMPLERS`).
     freeze_non_child: also mask the final update.
+    packing: D only: keep the mask bit-packed (``"uint8"``/``"uint32"``); see
+      :func:`child_tuning_d`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -384,6 +407,8 @@ def child_tuning_adamw(
       raise ValueError("mode='F' needs a key (an int seed or a jax.random.key)")
     if keep is not None:
       raise ValueError("mode='F' draws its own masks: do not pass keep")
+    if packing is not None:
+      raise ValueError("packing is for mode='D' (F draws its masks anew every step)")
 
     def make_mask(rescale: bool) -> optax.GradientTransformation:
       return child_tuning_f(reserve_p, key, rescale=rescale, where=where, sampler=sampler)
@@ -394,7 +419,7 @@ def child_tuning_adamw(
 
     def make_mask(rescale: bool) -> optax.GradientTransformation:
       del rescale
-      return child_tuning_d(keep)
+      return child_tuning_d(keep, packing=packing)
 
   else:
     raise ValueError(f"mode must be 'F' or 'D', got {mode!r}")

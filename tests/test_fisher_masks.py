@@ -113,6 +113,31 @@ def _random_tree(seed, shapes):
 
 @pytest.mark.parametrize("reserve_p", [0.05, 0.1, 0.2, 0.3, 0.37, 0.5, 0.9, 1.0])
 def test_fisher_mask_matches_np_percentile(reserve_p):
+  _check_against_percentile(reserve_p)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+  """Counts in chunks of 64 scalars, so that small leaves take the chunked loop."""
+  from childtune_jax import masks
+
+  monkeypatch.setattr(masks, "_CHUNK", 64)
+  jax.clear_caches()  # the counting functions are traced anew with the small chunk
+  yield
+  monkeypatch.undo()
+  jax.clear_caches()
+
+
+def test_chunked_counts_match_references(small_chunks):
+  for reserve_p in (0.1, 0.37):
+    _check_against_percentile(reserve_p)
+  _check_jaccard_and_kept_fraction()
+  scores = _random_tree(2, {"a": (30, 7), "b": (130,)})
+  with pytest.raises(ValueError, match="NaN or inf values at 'b'"):
+    fisher_mask({**scores, "b": scores["b"].at[129].set(jnp.inf)}, 0.3)
+
+
+def _check_against_percentile(reserve_p):
   shapes = {"bert/encoder/layer/0/kernel": (64, 33), "bert/encoder/layer/1/bias": (33,),
             "bert/embeddings/word": (50, 16), "classifier/kernel": (16, 2)}
   fisher = _random_tree(1, shapes)
@@ -140,6 +165,16 @@ def test_kth_largest_bracketed_and_bisection_agree_with_sort(k):
   assert _kth_largest_bracketed(leaves, k, sample_size=1 << 20) == want
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 24])
+def test_candidates_gathered_in_chunks(chunk):
+  from childtune_jax.masks import _between
+
+  x = np.random.default_rng(chunk).normal(size=(13, 11)).astype(np.float32)
+  low, high = np.float32(-0.3), np.float32(0.5)
+  want = x.ravel()[(x.ravel() >= low) & (x.ravel() < high)]
+  np.testing.assert_array_equal(_between(jnp.asarray(x), low, high, chunk), want)
+
+
 def test_fisher_mask_ties_all_kept_and_negative_values_ordered():
   keep = fisher_mask({"w": jnp.zeros(10)}, 0.3)
   assert np.all(np.asarray(keep["w"]))
@@ -160,8 +195,12 @@ def test_fisher_mask_bad_input():
 
 
 def test_jaccard_and_kept_fraction_against_sets():
+  _check_jaccard_and_kept_fraction()
+
+
+def _check_jaccard_and_kept_fraction():
   rng = np.random.default_rng(0)
-  a = {"x": rng.random((20, 7)) < 0.3, "y": rng.random(13) < 0.5}
+  a = {"x": rng.random((20, 7)) < 0.3, "y": rng.random(13) < 0.5}  # 140 + 13: 2 chunks + rest
   b = {"x": rng.random((20, 7)) < 0.3, "y": rng.random(13) < 0.5}
   flat = lambda t: {i for i, v in enumerate(np.concatenate([t["x"].ravel(), t["y"]])) if v}  # noqa: E731
   want = len(flat(a) & flat(b)) / len(flat(a) | flat(b))
@@ -175,6 +214,9 @@ def test_jaccard_and_kept_fraction_against_sets():
     jaccard(to_jnp(a), {"x": jnp.asarray(b["x"])})
   with pytest.raises(TypeError, match="bool"):
     jaccard(to_jnp(a), {"x": jnp.ones((20, 7)), "y": jnp.ones(13)})
+  packed = {"x": jnp.zeros((20, 1), jnp.uint8), "y": jnp.zeros(2, jnp.uint8)}
+  with pytest.raises(TypeError, match="unpack_keep"):
+    kept_fraction(packed)
 
 
 def test_random_keep_size_and_unselected_leaves():

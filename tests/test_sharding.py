@@ -42,9 +42,11 @@ SCRIPT = textwrap.dedent("""
     for name in params:
         assert keep8[name].sharding.is_equivalent_to(shardings[name], keep8[name].ndim), name
         np.testing.assert_array_equal(np.asarray(keep8[name]), np.asarray(keep1[name]))
-    for mode, keep in (("F", None), ("D", keep8)):
+    packed8 = fisher_mask(jax.tree_util.tree_map(jnp.abs, sharded), 0.3, packing="uint8")
+    for mode, keep, packing in (("F", None, None), ("D", keep8, None), ("D", packed8, None),
+                                ("D", keep8, "uint8")):
         def run(p, keep):
-            tx = child_tuning_adamw(1e-2, mode=mode, key=1, keep=keep)
+            tx = child_tuning_adamw(1e-2, mode=mode, key=1, keep=keep, packing=packing)
             state = tx.init(p)
             step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
                 *tx.update(jax.tree_util.tree_map(jnp.sin, p), s, p)))
