@@ -339,7 +339,7 @@ def overlap_command(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``childtune``; returns the exit status (2 for bad input)."""
-  from childtune_jax.train import ModelError
+  from childtune_jax.train import CheckpointError, ModelError
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   commands = {"train": train_command, "demo": demo_command, "overlap": overlap_command}
   try:
     commands[args.command](args)
-  except (UsageError, data.DataError, ModelError) as e:
+  except (UsageError, data.DataError, ModelError, CheckpointError) as e:
     print(f"childtune: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -176,6 +176,21 @@ def _keys_from_data(tree: Any, like: Any) -> Any:
       else x, tree, like)
 
 
+class CheckpointError(Exception):
+  """A checkpoint that cannot resume this run."""
+
+
+def _check_restored(tree: Any, like: Any, directory: Any) -> None:
+  for path, got, want in zip(_tree.leaf_paths(like), jax.tree_util.tree_leaves(tree),
+                             jax.tree_util.tree_leaves(like)):
+    if np.shape(got) != np.shape(want) or np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise CheckpointError(
+          f"the checkpoint in {directory} does not fit this run's state at {path!r} "
+          f"({got.dtype}{list(np.shape(got))} saved, {want.dtype}{list(np.shape(want))} "
+          "expected; another configuration or version of childtune-jax?); "
+          "delete it to start over")
+
+
 class Checkpoints:
   """Orbax checkpoints of params, optimizer state (PRNG keys included) and step.
 
@@ -203,7 +218,14 @@ class Checkpoints:
       return None
     like = {"params": params, "opt_state": _keys_to_data(opt_state)}
     abstract = jax.tree_util.tree_map(self._ocp.utils.to_shape_dtype_struct, like)
-    tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    try:
+      tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    except (ValueError, TypeError, KeyError) as e:
+      raise CheckpointError(
+          f"the checkpoint in {self.manager.directory} does not fit this run's state "
+          f"(another configuration or version of childtune-jax?); delete it to start over "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    _check_restored(tree, like, self.manager.directory)
     return step, tree["params"], _keys_from_data(tree["opt_state"], opt_state)
 
   def close(self) -> None:

@@ -94,7 +94,7 @@ def test_own_csv_files_and_overlap(tmp_path, capsys):
     assert json.load(f)["jaccard"][0][1] == pytest.approx(inter / union)
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
   args = ["train", "--task", "mrpc", "--mode", "F", *FAST, "--epochs", "2", "--save-every", "3"]
   full = str(tmp_path / "full")
   assert cli.main(args + ["--output-dir", full]) == 0
@@ -117,6 +117,9 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     cli.main(args + ["--output-dir", part])
   monkeypatch.setattr(data, "make_batch", real)
   assert os.path.isdir(os.path.join(part, "seed-42", "checkpoints", "3"))
+  other = ["train", "--task", "mrpc", "--mode", "vanilla", *FAST, "--epochs", "2"]
+  assert cli.main(other + ["--output-dir", part, "--resume"]) == 2  # another optimizer state
+  assert "does not fit this run's state" in capsys.readouterr().err
   assert cli.main(args + ["--output-dir", part, "--resume"]) == 0
   assert _results(part)["metrics"] == _results(full)["metrics"]
   from transformers import FlaxAutoModelForSequenceClassification
