@@ -2,7 +2,8 @@
 
 Measures, side by side in one process, ms per jitted update (params and optimizer state
 donated) of ``adamw`` and of ``chain(child_tuning_*, adamw)`` for each F sampler and
-PRNG implementation, and D with a bool keep-mask. Prints a table and writes JSON.
+PRNG implementation, and D with a bool keep-mask and with bit-packed ones (``uint8`` and
+``uint32`` words), with the bytes each keeps in its state. Prints a table and writes JSON.
 
   python benchmarks/bench_update.py --json benchmarks/results/update.json
 """
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from childtune_jax import child_tuning_d, child_tuning_f
+from childtune_jax import child_tuning_d, child_tuning_f, pack_keep
 
 BERT_BASE = {  # name: shape, the leaves of BERT-base (110M scalars) grouped by shape
     "word_embeddings": ((30522, 768), 1),
@@ -71,6 +72,7 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--scale", type=float, default=1.0, help="shrink the model for a smoke run")
   parser.add_argument("--impls", nargs="+", default=["threefry2x32", "rbg", "unsafe_rbg"])
+  parser.add_argument("--samplers", nargs="+", default=["bernoulli", "uint16", "uint8", "hash8"])
   parser.add_argument("--json", help="write the results here")
   args = parser.parse_args()
   params = bert_base_like(args.scale)
@@ -79,8 +81,14 @@ def main() -> None:
   keep = jax.tree_util.tree_map(
       lambda x: jax.random.bernoulli(jax.random.key(1), 0.3, x.shape), params)
   cases = {"adamw": adamw, "D (bool keep)": optax.chain(child_tuning_d(keep), adamw)}
+  mask_bytes = {"D (bool keep)": sum(x.nbytes for x in jax.tree_util.tree_leaves(keep))}
+  for packing in ("uint8", "uint32"):
+    packed = pack_keep(keep, packing)
+    cases[f"D ({packing} packed keep)"] = optax.chain(child_tuning_d(packed), adamw)
+    mask_bytes[f"D ({packing} packed keep)"] = sum(
+        x.nbytes for x in jax.tree_util.tree_leaves(packed))
   for impl in args.impls:
-    for sampler in ("bernoulli", "uint16", "uint8", "hash8"):
+    for sampler in args.samplers:
       key = jax.random.key(0, impl=impl)
       cases[f"F {impl} {sampler}"] = optax.chain(child_tuning_f(0.3, key, sampler=sampler), adamw)
   rows = []
@@ -92,14 +100,15 @@ def main() -> None:
   base = float(np.median(samples["adamw"]))
   for name, s in samples.items():
     ms = float(np.median(s))
-    rows.append({"case": name, "ms": ms, "ratio_to_adamw": ms / base})
+    rows.append({"case": name, "ms": ms, "ratio_to_adamw": ms / base,
+                 "mask_mb": mask_bytes.get(name, 0) / 2**20})
   info = {"scalars": int(n), "devices": str(jax.devices()), "cpus": os.cpu_count(),
           "machine": platform.machine(), "jax": jax.__version__, "reps": args.reps}
   print(f"update of {n / 1e6:.1f}M scalars on {jax.devices()[0].device_kind} "
         f"({os.cpu_count()} cores)")
-  print(f"{'case':32s} {'ms':>9s} {'x adamw':>8s}")
+  print(f"{'case':32s} {'ms':>9s} {'x adamw':>8s} {'mask MiB':>9s}")
   for r in rows:
-    print(f"{r['case']:32s} {r['ms']:9.1f} {r['ratio_to_adamw']:8.3f}")
+    print(f"{r['case']:32s} {r['ms']:9.1f} {r['ratio_to_adamw']:8.3f} {r['mask_mb']:9.1f}")
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
