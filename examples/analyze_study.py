@@ -1,10 +1,12 @@
 """Tables, paired bootstrap intervals and plots of the GLUE study's finished runs.
 
 Reads ``OUT/<task>/<mode>/seed-<s>/results.json`` and writes ``OUT/summary.md`` (mean ±
-std per cell, the paired difference to vanilla with a 95% bootstrap interval over seeds)
-and ``OUT/scores.png`` (one panel per task, a point per seed).
+std per cell, the paired difference to vanilla with a 95% bootstrap interval over seeds,
+per task and averaged over tasks) and ``OUT/scores.png`` (one panel per task, a point per
+seed). With ``--glue``, it adds the score of a constant prediction of the training set's
+majority class: the floor that a model which learnt nothing reaches.
 
-  python examples/analyze_study.py --out results/low-resource
+  python examples/analyze_study.py --out results/low-resource --glue ../shared/glue
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ import os
 import numpy as np
 
 METRIC = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "rte": "accuracy"}
+MODES = ["vanilla", "F", "D", "D-ref", "random"]
+
+
+def majority_scores(glue: str, tasks: list[str]) -> dict[str, float]:
+  """The dev score of always predicting the training set's most frequent label."""
+  from childtune_jax import data
+  from childtune_jax.metrics import glue_metrics
+
+  out = {}
+  for task in tasks:
+    train, evals = data.load_glue_folder(data.TASKS[task], glue)
+    labels, counts = np.unique(train.labels, return_counts=True)
+    dev = evals["dev"].labels
+    constant = np.full(len(dev), labels[np.argmax(counts)])
+    out[task] = glue_metrics((METRIC[task],), constant, dev)[METRIC[task]]
+  return out
 
 
 def load(out: str) -> dict:
@@ -38,41 +56,48 @@ def paired_bootstrap(diffs: np.ndarray, reps: int = 10_000, seed: int = 0) -> tu
   return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def _row(label: str, mode: str, cell: dict, base: dict) -> str:
+  """One table row: mean ± std over seeds, and the paired difference to vanilla."""
+  values = np.array([cell[s] for s in sorted(cell)]) * 100
+  std = values.std(ddof=1) if len(values) > 1 else 0.0
+  common = sorted(set(cell) & set(base))
+  diff = ""
+  if mode != "vanilla" and len(common) >= 2:
+    d = np.array([cell[s] - base[s] for s in common]) * 100
+    lo, hi = paired_bootstrap(d)
+    diff = f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(common)})"
+  elif mode != "vanilla" and len(common) == 1:
+    diff = f"{(cell[common[0]] - base[common[0]]) * 100:+.2f} (n=1, no interval)"
+  return f"| {label} | {mode} | {len(values)} | {values.mean():.2f} ± {std:.2f} | {diff} |"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="results/low-resource")
+  parser.add_argument("--glue", help="GLUE folder, for the majority-class floor")
   args = parser.parse_args()
   scores = load(args.out)
   tasks = [t for t in ("rte", "mrpc", "cola", "sst2") if t in scores]
-  modes = ["vanilla", "F", "D", "D-ref", "random"]
+  floor = majority_scores(args.glue, tasks) if args.glue else {}
   lines = ["| task | mode | seeds | mean ± std | paired diff to vanilla [95% bootstrap CI] |",
            "|---|---|---|---|---|"]
-  averages: dict = {}
   for task in tasks:
-    base = scores[task].get("vanilla", {})
-    for mode in modes:
-      cell = scores[task].get(mode)
-      if not cell:
-        continue
-      values = np.array([cell[s] for s in sorted(cell)]) * 100
-      std = values.std(ddof=1) if len(values) > 1 else 0.0
-      common = sorted(set(cell) & set(base))
-      diff = ""
-      if mode != "vanilla" and len(common) >= 2:
-        d = np.array([cell[s] - base[s] for s in common]) * 100
-        lo, hi = paired_bootstrap(d)
-        diff = f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(common)})"
-      lines.append(f"| {task} ({METRIC[task]}) | {mode} | {len(values)} | "
-                   f"{values.mean():.2f} ± {std:.2f} | {diff} |")
-      averages.setdefault(mode, {})[task] = cell
-  lines += ["", "Average over tasks (seeds present in every task of the mode):", ""]
-  for mode, by_task in averages.items():
-    if set(by_task) != set(tasks):
-      continue
-    seeds = sorted(set.intersection(*(set(c) for c in by_task.values())))
-    if seeds:
-      avg = np.mean([[by_task[t][s] for t in tasks] for s in seeds], axis=1) * 100
-      lines.append(f"- {mode}: {avg.mean():.2f} over {len(seeds)} seeds")
+    if task in floor:
+      lines.append(f"| {task} ({METRIC[task]}) | majority class | | {100 * floor[task]:.2f} | |")
+    lines += [_row(f"{task} ({METRIC[task]})", mode, scores[task][mode],
+                   scores[task].get("vanilla", {}))
+              for mode in MODES if scores[task].get(mode)]
+  # Per seed, the mean over tasks; a mode counts where every task has that seed.
+  average: dict = {}
+  for mode in MODES:
+    if all(scores[t].get(mode) for t in tasks):
+      seeds = set.intersection(*(set(scores[t][mode]) for t in tasks))
+      average[mode] = {s: float(np.mean([scores[t][mode][s] for t in tasks])) for s in seeds}
+  lines += [_row(f"average of {len(tasks)} tasks", mode, cell, average.get("vanilla", {}))
+            for mode, cell in average.items() if cell]
+  if floor:
+    lines.append(f"| average of {len(tasks)} tasks | majority class | | "
+                 f"{100 * np.mean(list(floor.values())):.2f} | |")
   text = "\n".join(lines) + "\n"
   with open(os.path.join(args.out, "summary.md"), "w") as f:
     f.write(text)
@@ -86,11 +111,15 @@ def main() -> None:
 
   fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
   for ax, task in zip(axes[0], tasks):
-    present = [m for m in modes if m in scores[task]]
+    present = [m for m in MODES if m in scores[task]]
     for i, mode in enumerate(present):
       values = np.array(list(scores[task][mode].values())) * 100
       ax.scatter(np.full(len(values), i) + np.linspace(-0.1, 0.1, len(values)), values, s=18)
       ax.hlines(values.mean(), i - 0.25, i + 0.25, color="black")
+    if task in floor:
+      ax.axhline(100 * floor[task], color="gray", linestyle="--", linewidth=1,
+                 label="majority class")
+      ax.legend(loc="lower right", fontsize=8)
     ax.set_xticks(range(len(present)), present)
     ax.set_title(f"{task} ({METRIC[task]}, dev)")
   fig.suptitle("all-MiniLM-L6-v2, 1,000 training examples per seed")
