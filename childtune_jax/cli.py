@@ -167,12 +167,19 @@ def _finished(out: str) -> bool:
 
 
 def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
-  """Mean and sample standard deviation across seeds of every metric."""
+  """Mean and sample standard deviation across seeds of every metric.
+
+  Metrics come in the task's order (the main metric first), whether a seed's results were
+  computed now or read back from its ``results.json`` (whose keys are sorted).
+  """
+  def rank(name: str) -> int:
+    return task.metrics.index(name) if name in task.metrics else len(task.metrics)
+
   per_metric: dict[str, list[float]] = {}
   for res in all_results.values():
     for split, metrics in res["metrics"].items():
-      for name, value in metrics.items():
-        per_metric.setdefault(f"{split}/{name}", []).append(value)
+      for name in sorted(metrics, key=rank):
+        per_metric.setdefault(f"{split}/{name}", []).append(metrics[name])
     per_metric.setdefault("score", []).append(res["score"])
   out = {"seeds": sorted(all_results), "task": task.name, "metrics": {}}
   for key, values in per_metric.items():

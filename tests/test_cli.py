@@ -200,3 +200,16 @@ def test_schedule_is_hf_linear_with_warmup():
   for step in (0, 5, 10, 55, 100):
     want = step / 10 if step < 10 else (100 - step) / 90
     assert float(s(step)) == pytest.approx(want, abs=1e-6)
+
+
+def test_summary_table_columns_in_the_task_order():
+  task = data.TASKS["mrpc"]
+  fresh = {"metrics": {"dev": {"f1": 0.8, "accuracy": 0.7}}, "score": 0.8}
+  read_back = {"metrics": {"dev": {"accuracy": 0.6, "f1": 0.9}}, "score": 0.9}  # sorted keys
+  for results in ({1: read_back, 2: fresh}, {1: fresh, 2: read_back}):
+    summary = cli.summarize(results, task)
+    assert list(summary["metrics"]) == ["dev/f1", "dev/accuracy", "score"]
+    assert summary["metrics"]["dev/f1"]["mean"] == pytest.approx(np.mean([0.8, 0.9]))
+    assert summary["metrics"]["dev/f1"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert cli.format_table([("F", summary)]).splitlines()[0].split() == [
+        "mode", "dev/f1", "dev/accuracy", "seeds"]
