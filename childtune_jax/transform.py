@@ -248,8 +248,9 @@ class ChildTuningDState(NamedTuple):
   """State of :func:`child_tuning_d`.
 
   Attributes:
-    keep: bool pytree with the params' structure: ``True`` for the scalars of the
-      child network (updated), ``False`` for the rest (gradient zeroed).
+    keep: pytree with the params' structure: ``True`` for the scalars of the child
+      network (updated), ``False`` for the rest (gradient zeroed); bool leaves, or
+      ``uint8``/``uint32`` words with one bit per scalar (see :func:`pack_keep`).
   """
 
   keep: optax.Params
