@@ -325,12 +325,12 @@ def _count_compiles(fn, *args_seq):
   return jitted._cache_size()
 
 
-@pytest.mark.parametrize("mode", ["F", "D"])
-def test_no_recompilation_and_stable_state(mode):
+@pytest.mark.parametrize("mode,packing", [("F", None), ("D", None), ("D", "uint8")])
+def test_no_recompilation_and_stable_state(mode, packing):
   params = _params()
   keep = jax.tree_util.tree_map(lambda x: jnp.ones(jnp.shape(x), bool), params)
   tx = child_tuning_adamw(optax.linear_schedule(1e-3, 0.0, 10), mode=mode, key=1,
-                          keep=keep if mode == "D" else None)
+                          keep=keep if mode == "D" else None, packing=packing)
   state = tx.init(params)
   update = jax.jit(tx.update)
   before = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), state)
