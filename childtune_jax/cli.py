@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from childtune_jax import data
+from childtune_jax import _tree, data
 
 logger = logging.getLogger("childtune")
 DEMO_DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -293,10 +293,46 @@ def _load_mask_file(path: str) -> dict[str, Any]:
     raise UsageError(f"cannot read mask {path}: {e}") from None
 
 
+def overlap_matrices(masks: list[dict], where: Any) -> dict:
+  """Pairwise overlap of child networks, with what their sizes alone would give.
+
+  ``jaccard`` is |A ∩ B| / |A ∪ B|; ``overlap`` is |A ∩ B| / min(|A|, |B|) (1 when the
+  smaller network lies inside the larger); ``random_jaccard`` is the Jaccard that
+  independent random networks of the same sizes have, ab / (a + b - ab) for kept
+  fractions a and b (its limit for large networks). Jaccard alone misleads across sizes: a 10% network inside a 30% one has
+  Jaccard 1/3.
+  """
+  from childtune_jax.masks import jaccard, kept_fraction
+
+  sizes = [kept_fraction(m, where=where) for m in masks]
+  n = len(masks)
+  out = {name: np.eye(n) for name in ("jaccard", "overlap", "random_jaccard")}
+  for i in range(n):
+    for j in range(i, n):
+      (ka, total), (kb, _) = sizes[i], sizes[j]
+      jac = 1.0 if i == j else jaccard(masks[i], masks[j], where=where)
+      inter = jac * (ka + kb) / (1 + jac)  # from |A u B| = |A| + |B| - |A n B|
+      a, b = ka / total, kb / total
+      for name, value in (("jaccard", jac), ("overlap", inter / max(min(ka, kb), 1)),
+                          ("random_jaccard", a * b / (a + b - a * b) if a + b else 1.0)):
+        out[name][i, j] = out[name][j, i] = value
+  return {"kept_fraction": [k / t for k, t in sizes],
+          **{name: m.tolist() for name, m in out.items()}}
+
+
+def _print_matrix(title: str, names: list[str], matrix: Any) -> None:
+  width = max(len(x) for x in names)
+  print(title)
+  print(" " * width + "  " + "  ".join(x.rjust(6) for x in names))
+  for name, row in zip(names, matrix):
+    print(name.ljust(width) + "  " + "  ".join(f"{v:6.3f}".rjust(max(6, len(x)))
+                                               for v, x in zip(row, names)))
+
+
 def overlap_command(args: argparse.Namespace) -> dict:
   import jax.numpy as jnp
 
-  from childtune_jax.masks import is_encoder_layer, jaccard
+  from childtune_jax.masks import is_encoder_layer
 
   names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(m))) or m
                          for m in args.masks]
@@ -304,20 +340,17 @@ def overlap_command(args: argparse.Namespace) -> dict:
     raise UsageError(f"--names has {len(names)} labels for {len(args.masks)} masks")
   masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m).items()} for m in args.masks]
   where = None if args.all_leaves else is_encoder_layer
-  n = len(masks)
-  matrix = np.eye(n)
-  for i in range(n):
-    for j in range(i + 1, n):
-      try:
-        matrix[i, j] = matrix[j, i] = jaccard(masks[i], masks[j], where=where)
-      except (ValueError, TypeError) as e:
-        raise UsageError(f"{args.masks[i]} vs {args.masks[j]}: {e}") from None
-  width = max(len(x) for x in names)
-  print(" " * width + "  " + "  ".join(x.rjust(6) for x in names))
-  for name, row in zip(names, matrix):
-    print(name.ljust(width) + "  " + "  ".join(f"{v:6.3f}".rjust(max(6, len(x)))
-                                               for v, x in zip(row, names)))
-  result = {"names": names, "masks": args.masks, "jaccard": matrix.tolist()}
+  for i in range(1, len(masks)):
+    try:
+      _tree.check_structure(args.masks[i], masks[i], masks[0], reference_name=args.masks[0])
+    except ValueError as e:
+      raise UsageError(str(e)) from None
+  result = {"names": names, "masks": args.masks, **overlap_matrices(masks, where)}
+  for name, fraction in zip(names, result["kept_fraction"]):
+    print(f"{name}: {100 * fraction:.2f}% of the scalars kept")
+  _print_matrix("Jaccard |A n B| / |A u B|", names, result["jaccard"])
+  _print_matrix("overlap |A n B| / min(|A|, |B|)", names, result["overlap"])
+  _print_matrix("Jaccard of random masks of the same sizes", names, result["random_jaccard"])
   if args.json:
     from childtune_jax.train import write_json
 
@@ -328,16 +361,21 @@ def overlap_command(args: argparse.Namespace) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.2 * n + 1))
-    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
-    for i in range(n):
-      for j in range(n):
-        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
-                color="white" if matrix[i, j] < 0.6 else "black")
-    fig.colorbar(im, ax=ax, label="Jaccard")
-    ax.set_title("Overlap of Child-Tuning_D child networks")
+    n = len(names)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (0.9 * n + 2), 0.9 * n + 1.5))
+    for ax, key, label in ((axes[0], "jaccard", "Jaccard |A∩B| / |A∪B|"),
+                           (axes[1], "overlap", "overlap |A∩B| / min(|A|, |B|)")):
+      matrix = np.asarray(result[key])
+      im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+      ax.set_xticks(range(n), names, rotation=45, ha="right")
+      ax.set_yticks(range(n), names)
+      for i in range(n):
+        for j in range(n):
+          ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                  color="white" if matrix[i, j] < 0.6 else "black")
+      fig.colorbar(im, ax=ax, fraction=0.046)
+      ax.set_title(label)
+    fig.suptitle("Overlap of Child-Tuning_D child networks")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
     plt.close(fig)

@@ -90,8 +90,16 @@ def test_own_csv_files_and_overlap(tmp_path, capsys):
   a, b = (dict(np.load(f)) for f in files)
   inter = sum(int((a[k] & b[k]).sum()) for k in a if "layer" in k)
   union = sum(int((a[k] | b[k]).sum()) for k in a if "layer" in k)
+  size_a, size_b = (sum(int(m[k].sum()) for k in m if "layer" in k) for m in (a, b))
+  total = sum(a[k].size for k in a if "layer" in k)
   with open(result_json) as f:
-    assert json.load(f)["jaccard"][0][1] == pytest.approx(inter / union)
+    result = json.load(f)
+  assert result["jaccard"][0][1] == pytest.approx(inter / union)
+  assert result["overlap"][0][1] == pytest.approx(inter / min(size_a, size_b))
+  assert result["kept_fraction"] == pytest.approx([size_a / total, size_b / total])
+  fa, fb = size_a / total, size_b / total
+  assert result["random_jaccard"][0][1] == pytest.approx(fa * fb / (fa + fb - fa * fb))
+  assert result["jaccard"][0][0] == result["overlap"][1][1] == 1.0
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
