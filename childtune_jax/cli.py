@@ -299,8 +299,8 @@ def overlap_matrices(masks: list[dict], where: Any) -> dict:
   ``jaccard`` is |A ∩ B| / |A ∪ B|; ``overlap`` is |A ∩ B| / min(|A|, |B|) (1 when the
   smaller network lies inside the larger); ``random_jaccard`` is the Jaccard that
   independent random networks of the same sizes have, ab / (a + b - ab) for kept
-  fractions a and b (its limit for large networks). Jaccard alone misleads across sizes: a 10% network inside a 30% one has
-  Jaccard 1/3.
+  fractions a and b (its limit for large networks). Jaccard alone misleads across sizes:
+  a 10% network inside a 30% one has Jaccard 1/3.
   """
   from childtune_jax.masks import jaccard, kept_fraction
 
