@@ -205,18 +205,31 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False),
+        item_handlers=ocp.StandardCheckpointHandler(),  # so that a new process reads metadata
     )
 
-  def save(self, step: int, params: Any, opt_state: Any) -> None:
+  def save(self, step: int, params: Any, opt_state: Any, losses: np.ndarray | None = None) -> None:
+    """Saves a step; ``losses`` (optional) is the run's per-step training loss so far."""
     tree = {"params": params, "opt_state": _keys_to_data(opt_state)}
+    if losses is not None:
+      tree["losses"] = np.asarray(losses, np.float32)
     self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
     self.manager.wait_until_finished()
 
-  def restore_latest(self, params: Any, opt_state: Any) -> tuple[int, Any, Any] | None:
+  def restore_latest(
+      self, params: Any, opt_state: Any, losses: np.ndarray | None = None
+  ) -> tuple[int, Any, Any, np.ndarray | None] | None:
+    """``(step, params, opt_state, losses)`` of the latest checkpoint, or ``None``.
+
+    ``params``, ``opt_state`` and ``losses`` give the structure to restore into;
+    ``losses`` comes back ``None`` from a checkpoint saved without it.
+    """
     step = self.manager.latest_step()
     if step is None:
       return None
     like = {"params": params, "opt_state": _keys_to_data(opt_state)}
+    if losses is not None and "losses" in self.manager.item_metadata(step).keys():
+      like["losses"] = np.asarray(losses, np.float32)
     abstract = jax.tree_util.tree_map(self._ocp.utils.to_shape_dtype_struct, like)
     try:
       tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
@@ -226,7 +239,8 @@ class Checkpoints:
           f"(another configuration or version of childtune-jax?); delete it to start over "
           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     _check_restored(tree, like, self.manager.directory)
-    return step, tree["params"], _keys_from_data(tree["opt_state"], opt_state)
+    return (step, tree["params"], _keys_from_data(tree["opt_state"], opt_state),
+            np.asarray(tree["losses"]) if "losses" in tree else None)
 
   def close(self) -> None:
     self.manager.close()
@@ -341,13 +355,19 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
 
   ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"))
   step = 0
+  losses: list = []  # per step; saved with each checkpoint, so that a resumed run has them all
+
+  def all_losses() -> np.ndarray:
+    return np.array([float(x) for x in losses] + [np.nan] * (total_steps - len(losses)))
+
   if resume:
-    restored = ckpt.restore_latest(params, opt_state)
+    restored = ckpt.restore_latest(params, opt_state, all_losses())
     if restored is not None:
-      step, params, opt_state = restored
+      step, params, opt_state, saved_losses = restored
+      if saved_losses is not None:
+        losses = [float(x) for x in saved_losses[:step]]
       logger.info("resuming %s at step %d of %d", out_dir, step, total_steps)
   t = time.perf_counter()
-  losses = []
   with tqdm(total=total_steps, initial=step, desc=f"train seed {cfg.seed}", unit="step",
             disable=None) as bar:
     order_epoch, order = None, None
@@ -363,7 +383,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       losses.append(loss)
       bar.update(1)
       if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-        ckpt.save(step, params, opt_state)
+        ckpt.save(step, params, opt_state, all_losses())
   jax.block_until_ready(params)
   timings["train_s"] = time.perf_counter() - t
   results["train_loss_last_epoch"] = (

@@ -115,7 +115,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
 
   def dying(*a, **k):
     calls["n"] += 1
-    if calls["n"] == 6:  # dies in step 6, after the checkpoint of step 3
+    if calls["n"] == 8:  # dies in the last step, after the checkpoint of step 6 (epoch 2)
       raise Killed
     return real(*a, **k)
 
@@ -124,12 +124,13 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
   with pytest.raises(Killed):
     cli.main(args + ["--output-dir", part])
   monkeypatch.setattr(data, "make_batch", real)
-  assert os.path.isdir(os.path.join(part, "seed-42", "checkpoints", "3"))
+  assert os.path.isdir(os.path.join(part, "seed-42", "checkpoints", "6"))
   other = ["train", "--task", "mrpc", "--mode", "vanilla", *FAST, "--epochs", "2"]
   assert cli.main(other + ["--output-dir", part, "--resume"]) == 2  # another optimizer state
   assert "does not fit this run's state" in capsys.readouterr().err
   assert cli.main(args + ["--output-dir", part, "--resume"]) == 0
   assert _results(part)["metrics"] == _results(full)["metrics"]
+  assert _results(part)["train_loss_last_epoch"] == _results(full)["train_loss_last_epoch"]
   from transformers import FlaxAutoModelForSequenceClassification
 
   load = FlaxAutoModelForSequenceClassification.from_pretrained
