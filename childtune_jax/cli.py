@@ -87,7 +87,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--freeze-non-child", action="store_true",
                  help="also mask the final update, so non-child weights do not move at all")
   p.add_argument("--random-like", metavar="MASK",
-                 help="mode random: match the kept fraction of this D mask file")
+                 help="mode random: keep as many scalars as this D mask file")
   p.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps")
   p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained")
   p.add_argument("--output-dir", required=True)

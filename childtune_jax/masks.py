@@ -283,21 +283,66 @@ def kept_fraction(keep: optax.Params, *, where: _tree.Where = None) -> tuple[int
 
 
 def random_keep(
-    key: int | jax.Array, like: optax.Params, reserve_p: float, *, where: _tree.Where = None
+    key: int | jax.Array, like: optax.Params, reserve_p: float | None = None, *,
+    count: int | None = None, where: _tree.Where = None,
 ) -> optax.Params:
-  """A fixed random child network: each selected scalar kept with probability ``reserve_p``.
+  """A fixed random child network of an exact size, every subset of that size equally likely.
 
   The control of the paper's analysis (a D child network against a random one of the
-  same size): pass the kept fraction of the D mask as ``reserve_p``. Unselected leaves
-  are all ``True``.
+  same size): pass the D network's kept count as ``count`` (from :func:`kept_fraction`),
+  or a fraction as ``reserve_p`` (``round(reserve_p * n)`` of the ``n`` selected
+  scalars). Unselected leaves are all ``True``.
+
+  A Bernoulli draw at the target fraction comes within a few standard deviations of
+  the size; a uniformly chosen set of its surplus kept (or missing) scalars is then
+  flipped. A Bernoulli draw of a given size is a uniform subset of that size, so the
+  result is a uniform subset of exactly the requested size.
+
+  Args:
+    key: a PRNG key or an int seed.
+    like: the params pytree (only shapes are read).
+    reserve_p: fraction of the selected scalars to keep, in (0, 1].
+    count: the number of selected scalars to keep, instead of ``reserve_p``.
+    where: leaves that take part, as in :func:`fisher_mask`.
+
+  Returns:
+    A bool pytree with the structure of ``like``.
+
+  Raises:
+    ValueError: neither or both of ``reserve_p`` and ``count``, either out of range, or
+      no selected leaf.
   """
-  _check_reserve_p(reserve_p)
-  key = _canonical_key(key)
+  if (reserve_p is None) == (count is None):
+    raise ValueError("random_keep: give exactly one of reserve_p and count")
   leaves, treedef = jax.tree_util.tree_flatten(like)
   selected = _tree.resolve_where(where, like)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  out = [
-      jax.random.bernoulli(k, reserve_p, jnp.shape(x)) if take else jnp.ones(jnp.shape(x), bool)
-      for k, x, take in zip(keys, leaves, selected)
-  ]
+  sizes = [math.prod(jnp.shape(x)) for x, take in zip(leaves, selected) if take]
+  n = sum(sizes)
+  if not sizes:
+    raise ValueError("random_keep: where selects no leaf")
+  if count is None:
+    _check_reserve_p(reserve_p)
+    count = round(reserve_p * n)
+  elif not 0 <= count <= n:
+    raise ValueError(f"random_keep: count must be in [0, {n}], got {count}")
+  draw_key, fix_key = jax.random.split(_canonical_key(key))
+  keys = jax.random.split(draw_key, len(sizes))
+  masks = [jax.random.bernoulli(k, count / n if n else 0.0, jnp.shape(x))
+           for k, x in zip(keys, (x for x, take in zip(leaves, selected) if take))]
+  kept = [int(_ones_leaf(m)) for m in masks]
+  surplus = sum(kept) - count
+  if surplus:  # flip |surplus| scalars drawn from the kept ones (surplus > 0) or the others
+    value = surplus > 0
+    pools = np.array(kept if value else [s - c for s, c in zip(sizes, kept)], np.int64)
+    seed = np.asarray(jax.random.bits(fix_key, (4,), jnp.uint32)).tolist()
+    ranks = np.sort(np.random.default_rng(seed).choice(pools.sum(), abs(surplus),
+                                                       replace=False))
+    starts = np.concatenate([[0], np.cumsum(pools)])
+    for i, m in enumerate(masks):
+      local = ranks[(ranks >= starts[i]) & (ranks < starts[i + 1])] - starts[i]
+      if local.size:
+        positions = np.flatnonzero(np.asarray(m).reshape(-1) == value)[local]
+        masks[i] = m.reshape(-1).at[positions].set(not value).reshape(m.shape)
+  it = iter(masks)
+  out = [next(it) if take else jnp.ones(jnp.shape(x), bool) for x, take in zip(leaves, selected)]
   return jax.tree_util.tree_unflatten(treedef, out)

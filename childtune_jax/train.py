@@ -269,7 +269,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
     evals: evaluation splits by name.
     out_dir: the seed's folder; checkpoints, the D mask and results go there.
     resume: continue from the last checkpoint in ``out_dir`` if there is one.
-    keep_like_d: for mode ``random``, a D mask file whose kept fraction to match.
+    keep_like_d: for mode ``random``, a D mask file whose kept count to match.
   """
   task = data.TASKS[cfg.task]
   os.makedirs(out_dir, exist_ok=True)
@@ -320,12 +320,10 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       timings["fisher_s"] = time.perf_counter() - t
       del fisher
     else:
-      fraction = cfg.reserve_p
+      size = {"reserve_p": cfg.reserve_p}
       if keep_like_d:
-        d_keep = load_keep(keep_like_d, params)
-        kept, total = kept_fraction(d_keep, where=is_encoder_layer)
-        fraction = kept / total
-      keep = random_keep(cfg.seed + 1_000_003, params, fraction, where=is_encoder_layer)
+        size = {"count": kept_fraction(load_keep(keep_like_d, params), where=is_encoder_layer)[0]}
+      keep = random_keep(cfg.seed + 1_000_003, params, **size, where=is_encoder_layer)
     save_keep(mask_path, keep)
     kept, total = kept_fraction(keep, where=is_encoder_layer)
     results["child_network"] = {"kept": kept, "total": total, "fraction": kept / total}

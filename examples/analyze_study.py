@@ -4,9 +4,10 @@ Reads ``OUT/<task>/<mode>/seed-<s>/results.json`` and writes ``OUT/summary.md`` 
 std per cell, the paired difference to vanilla with a 95% percentile bootstrap interval
 over seeds and the count of seeds above and below vanilla, per task and averaged over
 tasks; with 5 seeds the bootstrap interval is narrower than the truth, so read the counts
-too) and ``OUT/scores.png`` (one panel per task, a point per
-seed). With ``--glue``, it adds the score of a constant prediction of the training set's
-majority class: the floor that a model which learnt nothing reaches.
+too; where the ``random`` control ran, the paired difference of D to it) and
+``OUT/scores.png`` (one panel per task, a point per seed). With ``--glue``, it adds the
+score of a constant prediction of the training set's majority class: the floor that a
+model which learnt nothing reaches.
 
   python examples/analyze_study.py --out results/low-resource --glue ../shared/glue
 """
@@ -39,16 +40,18 @@ def majority_scores(glue: str, tasks: list[str]) -> dict[str, float]:
   return out
 
 
-def load(out: str) -> dict:
-  """``scores[task][mode][seed]`` = the task's main dev metric."""
+def load(out: str) -> tuple[dict, set[float]]:
+  """``scores[task][mode][seed]`` = the task's main dev metric, and the learning rates used."""
   scores: dict = {}
+  rates = set()
   for path in glob.glob(os.path.join(out, "*", "*", "seed-*", "results.json")):
     task, mode, seed_dir = path.split(os.sep)[-4:-1]
     with open(path) as f:
       res = json.load(f)
     value = res["metrics"]["dev"][METRIC[task]]
     scores.setdefault(task, {}).setdefault(mode, {})[int(seed_dir[5:])] = value
-  return scores
+    rates.add(res["config"]["learning_rate"])
+  return scores, rates
 
 
 def paired_bootstrap(diffs: np.ndarray, reps: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -58,19 +61,24 @@ def paired_bootstrap(diffs: np.ndarray, reps: int = 10_000, seed: int = 0) -> tu
   return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def paired_diff(cell: dict, base: dict, base_name: str) -> str:
+  """Mean paired difference over the common seeds, its interval, and the seeds above/below."""
+  common = sorted(set(cell) & set(base))
+  if not common:
+    return ""
+  d = np.array([cell[s] - base[s] for s in common]) * 100
+  if len(common) == 1:
+    return f"{d[0]:+.2f} (n=1, no interval)"
+  lo, hi = paired_bootstrap(d)
+  return (f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(common)}; above {base_name} "
+          f"in {int((d > 0).sum())}, below in {int((d < 0).sum())})")
+
+
 def _row(label: str, mode: str, cell: dict, base: dict) -> str:
   """One table row: mean ± std over seeds, and the paired difference to vanilla."""
   values = np.array([cell[s] for s in sorted(cell)]) * 100
   std = values.std(ddof=1) if len(values) > 1 else 0.0
-  common = sorted(set(cell) & set(base))
-  diff = ""
-  if mode != "vanilla" and len(common) >= 2:
-    d = np.array([cell[s] - base[s] for s in common]) * 100
-    lo, hi = paired_bootstrap(d)
-    diff = (f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(common)}; "
-            f"above vanilla in {int((d > 0).sum())}, below in {int((d < 0).sum())})")
-  elif mode != "vanilla" and len(common) == 1:
-    diff = f"{(cell[common[0]] - base[common[0]]) * 100:+.2f} (n=1, no interval)"
+  diff = paired_diff(cell, base, "vanilla") if mode != "vanilla" else ""
   return f"| {label} | {mode} | {len(values)} | {values.mean():.2f} ± {std:.2f} | {diff} |"
 
 
@@ -79,7 +87,9 @@ def main() -> None:
   parser.add_argument("--out", default="results/low-resource")
   parser.add_argument("--glue", help="GLUE folder, for the majority-class floor")
   args = parser.parse_args()
-  scores = load(args.out)
+  scores, rates = load(args.out)
+  if not scores:
+    parser.error(f"no finished runs (<task>/<mode>/seed-<s>/results.json) under {args.out}")
   tasks = [t for t in ("rte", "mrpc", "cola", "sst2") if t in scores]
   floor = majority_scores(args.glue, tasks) if args.glue else {}
   lines = ["| task | mode | seeds | mean ± std | paired diff to vanilla [95% bootstrap CI] |",
@@ -92,15 +102,22 @@ def main() -> None:
               for mode in MODES if scores[task].get(mode)]
   # Per seed, the mean over tasks; a mode counts where every task has that seed.
   average: dict = {}
-  for mode in MODES:
+  for mode in MODES if len(tasks) > 1 else []:
     if all(scores[t].get(mode) for t in tasks):
       seeds = set.intersection(*(set(scores[t][mode]) for t in tasks))
       average[mode] = {s: float(np.mean([scores[t][mode][s] for t in tasks])) for s in seeds}
   lines += [_row(f"average of {len(tasks)} tasks", mode, cell, average.get("vanilla", {}))
             for mode, cell in average.items() if cell]
-  if floor:
+  if floor and average:
     lines.append(f"| average of {len(tasks)} tasks | majority class | | "
                  f"{100 * np.mean(list(floor.values())):.2f} | |")
+  controlled = [t for t in tasks if scores[t].get("D") and scores[t].get("random")]
+  if controlled:
+    lines += ["", "Analysis (a): the task-driven child network against a fixed random one of the "
+              "same size.", "", "| task | D − random [95% bootstrap CI] |", "|---|---|"]
+    for t in controlled:
+      diff = paired_diff(scores[t]["D"], scores[t]["random"], "random")
+      lines.append(f"| {t} ({METRIC[t]}) | {diff} |")
   text = "\n".join(lines) + "\n"
   with open(os.path.join(args.out, "summary.md"), "w") as f:
     f.write(text)
@@ -125,7 +142,8 @@ def main() -> None:
       ax.legend(loc="lower right", fontsize=8)
     ax.set_xticks(range(len(present)), present)
     ax.set_title(f"{task} ({METRIC[task]}, dev)")
-  fig.suptitle("all-MiniLM-L6-v2, 1,000 training examples per seed")
+  lr = ", ".join(f"{r:g}" for r in sorted(rates))
+  fig.suptitle(f"all-MiniLM-L6-v2, 1,000 training examples per seed, lr {lr}")
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, "scores.png"), dpi=110)
 

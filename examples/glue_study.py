@@ -46,6 +46,8 @@ def run_cell(task: str, mode: str, seeds: list[int], args: argparse.Namespace) -
     argv += ["--random-like", d_mask]
   if args.model:
     argv += ["--model", args.model]
+  if args.learning_rate is not None:
+    argv += ["--learning-rate", str(args.learning_rate)]
   print("+ childtune " + " ".join(argv), flush=True)
   return cli.main(argv)
 
@@ -60,6 +62,8 @@ def main() -> None:
   parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
   parser.add_argument("--max-train-samples", type=int, default=1000)
   parser.add_argument("--model", help="default: the packaged all-MiniLM-L6-v2")
+  parser.add_argument("--learning-rate", type=float,
+                      help="the same for every mode; default: the reference's 4e-5")
   args = parser.parse_args()
   # Seed-major order: every finished seed adds one complete paired comparison.
   for seed in args.seeds:

@@ -1,5 +1,7 @@
 """Fisher information and top-p masks against Python loops and np.percentile."""
 
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -219,9 +221,32 @@ def _check_jaccard_and_kept_fraction():
     kept_fraction(packed)
 
 
-def test_random_keep_size_and_unselected_leaves():
-  like = {"layer": jnp.zeros((300, 300)), "head": jnp.zeros(10)}
-  keep = random_keep(0, like, 0.2, where=is_encoder_layer)
-  n = 90_000
-  assert abs(int(np.sum(keep["layer"])) - 0.2 * n) < 6 * np.sqrt(n * 0.2 * 0.8)
-  assert np.all(np.asarray(keep["head"]))
+def test_random_keep_exact_size_and_unselected_leaves():
+  like = {"layer": jnp.zeros((300, 300)), "layer_b": jnp.zeros(77), "head": jnp.zeros(10)}
+  n = 90_000 + 77
+  for seed, size in [(0, {"reserve_p": 0.2}), (1, {"count": 12_345}), (2, {"count": n}),
+                     (3, {"count": 0})]:
+    keep = random_keep(seed, like, **size, where=is_encoder_layer)
+    want = size.get("count", round(0.2 * n))
+    assert int(np.sum(keep["layer"])) + int(np.sum(keep["layer_b"])) == want
+    assert np.all(np.asarray(keep["head"]))
+  with pytest.raises(ValueError, match="exactly one"):
+    random_keep(0, like, 0.2, count=5)
+  with pytest.raises(ValueError, match="count"):
+    random_keep(0, like, count=n + 1, where=is_encoder_layer)
+
+
+def test_random_keep_draws_every_subset_of_the_size_equally_often():
+  # 2 of 5 scalars over two leaves: 10 subsets. Draws whose Bernoulli count is off
+  # by one or two in either direction go through the correction.
+  like = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+  subsets = {c: 0 for c in itertools.combinations(range(5), 2)}
+  draws = 1500
+  for seed in range(draws):
+    keep = random_keep(seed, like, count=2)
+    flat = np.concatenate([np.asarray(keep["a"]), np.asarray(keep["b"])])
+    subsets[tuple(np.flatnonzero(flat))] += 1
+  observed = np.array(list(subsets.values()))
+  expected = draws / len(subsets)
+  chi2 = np.sum((observed - expected) ** 2 / expected)
+  assert chi2 < 33.7  # chi-square with 9 degrees of freedom: P(> 33.7) = 1e-4

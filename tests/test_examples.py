@@ -1,0 +1,124 @@
+"""The study scripts in ``examples/``: the resumable study driver and its statistics."""
+
+import csv
+import importlib.util
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(__file__)
+GLUE = os.path.join(HERE, "fixtures", "glue")
+TINY = os.path.join(HERE, "fixtures", "tiny-bert")
+EXAMPLES = os.path.join(HERE, os.pardir, "examples")
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+analyze = _load("analyze_study")
+
+
+def _exact_bootstrap_interval(diffs):
+  """Percentiles of the exact bootstrap distribution: every resample, equally likely."""
+  means = np.sort([np.mean(r) for r in itertools.product(diffs, repeat=len(diffs))])
+  cdf = np.arange(1, len(means) + 1) / len(means)
+  return means[np.searchsorted(cdf, 0.025)], means[np.searchsorted(cdf, 0.975)]
+
+
+def test_paired_bootstrap_matches_the_exact_bootstrap_distribution():
+  diffs = np.array([1.0, 2.0, 4.0, 8.0, -3.0])  # 5^5 resamples, means on a grid of 0.2
+  lo, hi = analyze.paired_bootstrap(diffs, reps=40_000)
+  exact_lo, exact_hi = _exact_bootstrap_interval(diffs)
+  assert abs(lo - exact_lo) <= 0.2 + 1e-9 and abs(hi - exact_hi) <= 0.2 + 1e-9
+  assert lo < diffs.mean() < hi
+
+
+def _write_run(out, task, mode, seed, value, lr=4e-5):
+  path = os.path.join(out, task, mode, f"seed-{seed}")
+  os.makedirs(path)
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump({"metrics": {"dev": {analyze.METRIC[task]: value}},
+               "config": {"learning_rate": lr}}, f)
+
+
+def _majority(path, label_column, header):
+  with open(path) as f:
+    rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+  return [int(r[label_column]) for r in rows[1 if header else 0:]]
+
+
+def test_summary_tables_against_hand_computed_statistics(tmp_path, monkeypatch):
+  out = str(tmp_path)
+  rng = np.random.default_rng(0)
+  seeds = [1, 2, 3, 4]
+  scores = {mode: dict(zip(seeds, rng.uniform(0.7, 0.9, 4))) for mode in ("vanilla", "D")}
+  scores["random"] = {1: 0.5, 2: 0.6, 3: 0.95}  # seed 4 unfinished: pairs use seeds 1-3
+  for mode, cell in scores.items():
+    for seed, value in cell.items():
+      _write_run(out, "sst2", mode, seed, value)
+  monkeypatch.setattr("sys.argv", ["analyze_study", "--out", out, "--glue", GLUE])
+  analyze.main()
+  with open(os.path.join(out, "summary.md")) as f:
+    text = f.read()
+  assert os.path.exists(os.path.join(out, "scores.png"))
+
+  def row(label, mode):
+    return next(r for r in text.splitlines() if r.startswith(f"| {label} | {mode} |"))
+
+  d = np.array([scores["D"][s] - scores["vanilla"][s] for s in seeds]) * 100
+  values = np.array(list(scores["D"].values())) * 100
+  cells = row("sst2 (accuracy)", "D").split("|")
+  assert cells[4].strip() == f"{values.mean():.2f} ± {np.std(values, ddof=1):.2f}"
+  assert cells[5].strip().startswith(f"{d.mean():+.2f} [")
+  assert f"above vanilla in {(d > 0).sum()}, below in {(d < 0).sum()}" in cells[5]
+  # Analysis (a): D against random on the three seeds both finished.
+  dr = np.array([scores["D"][s] - scores["random"][s] for s in (1, 2, 3)]) * 100
+  control = next(r for r in text.splitlines()
+                 if r.startswith(f"| sst2 (accuracy) | {dr.mean():+.2f} ["))
+  assert f"(n=3; above random in {(dr > 0).sum()}, below in {(dr < 0).sum()})" in control
+  # The majority-class floor, from the fixture's labels read independently.
+  train = _majority(os.path.join(GLUE, "SST-2", "train.tsv"), 1, header=True)
+  dev = _majority(os.path.join(GLUE, "SST-2", "dev.tsv"), 1, header=True)
+  majority = np.bincount(train).argmax()
+  floor = 100 * np.mean(np.array(dev) == majority)
+  assert row("sst2 (accuracy)", "majority class").split("|")[4].strip() == f"{floor:.2f}"
+  assert "average of" not in text  # one task: no average rows
+
+
+def test_analyze_study_fails_clearly_without_runs(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr("sys.argv", ["analyze_study", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit):
+    analyze.main()
+  assert "no finished runs" in capsys.readouterr().err
+
+
+def test_glue_study_pairs_random_with_d_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
+  study = _load("glue_study")
+  out = str(tmp_path)
+  argv = ["glue_study", "--glue", GLUE, "--out", out, "--model", TINY, "--tasks", "sst2",
+          "--seeds", "7", "--max-train-samples", "16", "--learning-rate", "1e-3"]
+  # random before D is skipped (no D network to match yet), and after D it matches it.
+  monkeypatch.setattr("sys.argv", [*argv, "--modes", "random", "D", "random"])
+  study.main()
+  assert "skip sst2/random seed 7: run D first" in capsys.readouterr().err
+  runs = {m: os.path.join(out, "sst2", m, "seed-7", "results.json") for m in ("D", "random")}
+  results = {}
+  for mode, path in runs.items():
+    with open(path) as f:
+      results[mode] = json.load(f)
+  assert results["D"]["config"]["learning_rate"] == 1e-3
+  assert results["D"]["train_examples"] == 16
+  d_net, r_net = results["D"]["child_network"], results["random"]["child_network"]
+  assert r_net["kept"] == d_net["kept"]
+  masks = [np.load(os.path.join(out, "sst2", m, "seed-7", "child_mask.npz")) for m in runs]
+  assert any(not np.array_equal(masks[0][k], masks[1][k]) for k in masks[0].files)
+  stamps = {m: os.path.getmtime(p) for m, p in runs.items()}
+  study.main()  # everything finished: nothing reruns
+  assert {m: os.path.getmtime(p) for m, p in runs.items()} == stamps
