@@ -246,7 +246,26 @@ class Checkpoints:
     self.manager.close()
 
 
+def source_commit() -> str | None:
+  """The git commit of this package's checkout (``+dirty`` with uncommitted changes), if any."""
+  import subprocess
+
+  here = os.path.dirname(os.path.abspath(__file__))
+  def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
+
+  try:  # an installed copy inside some other checkout is not that checkout's code
+    git("ls-files", "--error-unmatch", os.path.basename(__file__))
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", here)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ("+dirty" if dirty else "") if commit else None
+
+
 def versions() -> dict[str, str]:
+  """Versions of the libraries a result depends on, and the package's git commit if known."""
   import importlib.metadata as md
 
   out = {}
@@ -256,6 +275,9 @@ def versions() -> dict[str, str]:
       out[pkg] = md.version(pkg)
     except md.PackageNotFoundError:
       pass
+  commit = source_commit()
+  if commit:
+    out["childtune-jax commit"] = commit
   return out
 
 

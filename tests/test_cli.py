@@ -222,3 +222,21 @@ def test_summary_table_columns_in_the_task_order():
     assert summary["metrics"]["dev/f1"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
     assert cli.format_table([("F", summary)]).splitlines()[0].split() == [
         "mode", "dev/f1", "dev/accuracy", "seeds"]
+
+
+def test_results_record_the_source_commit(tmp_path, monkeypatch):
+  import subprocess
+
+  root = os.path.join(HERE, os.pardir)
+  head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+  if head.returncode:
+    pytest.skip("not a git checkout")
+  assert train.versions()["childtune-jax commit"].split("+")[0] == head.stdout.strip()
+  # A copy that git does not track, inside a checkout or outside any, has no commit.
+  copy = tmp_path / "train.py"
+  copy.write_text("")
+  monkeypatch.setattr(train, "__file__", str(copy))
+  assert train.source_commit() is None
+  subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+  assert train.source_commit() is None
+  assert "childtune-jax commit" not in train.versions()
