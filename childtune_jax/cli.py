@@ -338,6 +338,8 @@ def overlap_command(args: argparse.Namespace) -> dict:
                          for m in args.masks]
   if len(names) != len(args.masks):
     raise UsageError(f"--names has {len(names)} labels for {len(args.masks)} masks")
+  if args.plot and importlib.util.find_spec("matplotlib") is None:
+    raise UsageError("--plot needs matplotlib: pip install matplotlib")
   masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m).items()} for m in args.masks]
   where = None if args.all_leaves else is_encoder_layer
   for i in range(1, len(masks)):

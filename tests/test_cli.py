@@ -86,7 +86,10 @@ def test_own_csv_files_and_overlap(tmp_path, capsys):
     assert _results(out, seed)["train_examples"] == 20
   files = [os.path.join(o, f"seed-{s}", "child_mask.npz") for o, s in zip(outs, (1, 2))]
   result_json = str(tmp_path / "overlap.json")
-  assert cli.main(["overlap", *files, "--names", "a", "b", "--json", result_json]) == 0
+  plot = tmp_path / "overlap.png"
+  assert cli.main(["overlap", *files, "--names", "a", "b", "--json", result_json,
+                   "--plot", str(plot)]) == 0
+  assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   a, b = (dict(np.load(f)) for f in files)
   inter = sum(int((a[k] & b[k]).sum()) for k in a if "layer" in k)
   union = sum(int((a[k] | b[k]).sum()) for k in a if "layer" in k)
@@ -240,3 +243,15 @@ def test_results_record_the_source_commit(tmp_path, monkeypatch):
   subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
   assert train.source_commit() is None
   assert "childtune-jax commit" not in train.versions()
+
+
+def test_overlap_plot_without_matplotlib_fails_before_any_work(tmp_path, capsys, monkeypatch):
+  import importlib.util
+
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+  plot = tmp_path / "o.png"
+  assert cli.main(["overlap", "a.npz", "b.npz", "--plot", str(plot)]) == 2
+  assert "pip install matplotlib" in capsys.readouterr().err
+  assert not plot.exists()
