@@ -69,6 +69,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-train-samples", type=_positive_int,
                  help="a fixed random subset per seed (the paper's low-resource setting: 1000)")
   p.add_argument("--seeds", type=_seed, nargs="+", default=[42])
+  p.add_argument("--init-seed", type=_seed,
+                 help="seed of the new classification head's initialisation, the same for "
+                      "every run (default: each run's seed, which also draws the data)")
   p.add_argument("--fisher", choices=("per-example", "per-batch"), default="per-example",
                  help="D's Fisher estimate: the paper's, or the reference code's")
   p.add_argument("--fisher-microbatch", type=_positive_int, default=8,
@@ -227,7 +230,7 @@ def train_command(args: argparse.Namespace) -> dict:
         fisher=args.fisher, fisher_microbatch=args.fisher_microbatch,
         freeze_non_child=args.freeze_non_child, sampler=args.sampler,
         save_every=args.save_every,
-        save_model=not args.no_save_model)
+        save_model=not args.no_save_model, init_seed=args.init_seed)
     results[seed] = train.run(cfg, train_set, evals, seed_dir, resume=args.resume,
                               keep_like_d=args.random_like)
     logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))

@@ -58,6 +58,7 @@ class TrainConfig:
   sampler: str = "hash8"
   save_every: int | None = None
   save_model: bool = True
+  init_seed: int | None = None  # the new head's initialisation; None: ``seed``
   eval_batch_size: int = 64
 
 
@@ -297,7 +298,8 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   os.makedirs(out_dir, exist_ok=True)
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
-  model, tokenizer = load_model(cfg.model, task.num_labels, cfg.seed)
+  init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
+  model, tokenizer = load_model(cfg.model, task.num_labels, init_seed)
   pad_id = tokenizer.pad_token_id or 0
   train_set = data.subsample(train_set, cfg.max_train_samples, cfg.seed)
   train_enc = data.encode(tokenizer, train_set, cfg.max_seq_length)

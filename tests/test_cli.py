@@ -255,3 +255,23 @@ def test_overlap_plot_without_matplotlib_fails_before_any_work(tmp_path, capsys,
   assert cli.main(["overlap", "a.npz", "b.npz", "--plot", str(plot)]) == 2
   assert "pip install matplotlib" in capsys.readouterr().err
   assert not plot.exists()
+
+
+def test_init_seed_sets_the_head_initialisation_apart_from_the_seed(tmp_path, monkeypatch):
+  calls = []
+  load_model = train.load_model
+
+  def spy(name, num_labels, seed):
+    calls.append(seed)
+    return load_model(name, num_labels, seed)
+
+  monkeypatch.setattr(train, "load_model", spy)
+  out = str(tmp_path / "run")
+  argv = ["train", "--task", "sst2", "--mode", "vanilla", *FAST, "--no-save-model",
+          "--max-train-samples", "8"]
+  assert cli.main([*argv, "--output-dir", out, "--seeds", "1", "2", "--init-seed", "5"]) == 0
+  assert calls == [5, 5]
+  assert [_results(out, s)["config"]["init_seed"] for s in (1, 2)] == [5, 5]
+  calls.clear()
+  assert cli.main([*argv, "--output-dir", str(tmp_path / "default"), "--seeds", "3"]) == 0
+  assert calls == [3]
