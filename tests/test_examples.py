@@ -122,3 +122,20 @@ def test_glue_study_pairs_random_with_d_and_skips_finished_runs(tmp_path, monkey
   stamps = {m: os.path.getmtime(p) for m, p in runs.items()}
   study.main()  # everything finished: nothing reruns
   assert {m: os.path.getmtime(p) for m, p in runs.items()} == stamps
+
+
+def test_f_step_size_against_a_numpy_adam():
+  f_step = _load("f_step_size")
+  p, steps, n = 0.3, 60, 20_000
+  rng = np.random.default_rng(0)
+  grads = (rng.random((steps, n)) < p) / p  # Bernoulli(p) keep mask, kept gradients 1/p
+  m = v = np.zeros(n)
+  moved = np.zeros(n)
+  for t in range(steps):
+    m = 0.9 * m + 0.1 * grads[t]
+    v = 0.999 * v + 0.001 * grads[t] ** 2
+    moved += (m / (1 - 0.9 ** (t + 1))) / (np.sqrt(v / (1 - 0.999 ** (t + 1))) + 1e-6)
+  numpy_ratio = moved.mean() / steps  # unmasked Adam moves 1 per step on a constant gradient
+  # hash8 draws p as 77/256; 20,000 parameters leave about 0.003 of sampling noise.
+  assert f_step.relative_distance(p, steps, n) == pytest.approx(numpy_ratio, abs=0.01)
+  assert numpy_ratio < 0.65  # far below 1: the effect the script is about
