@@ -139,3 +139,29 @@ def test_f_step_size_against_a_numpy_adam():
   # hash8 draws p as 77/256; 20,000 parameters leave about 0.003 of sampling noise.
   assert f_step.relative_distance(p, steps, n) == pytest.approx(numpy_ratio, abs=0.01)
   assert numpy_ratio < 0.65  # far below 1: the effect the script is about
+
+
+def test_head_first_fisher_at_zero_steps_is_the_cli_d_network(tmp_path, monkeypatch):
+  from childtune_jax import cli
+
+  head_first = _load("head_first_fisher")
+  common = ["--max-train-samples", "16", "--max-seq-length", "64"]
+  out = str(tmp_path / "d")
+  assert cli.main(["train", "--task", "sst2", "--mode", "D", "--model", TINY, "--data-dir", GLUE,
+                   *common, "--seeds", "3", "--epochs", "1", "--no-save-model",
+                   "--output-dir", out]) == 0
+  saved = str(tmp_path / "head-first")
+  monkeypatch.setattr("sys.argv", ["head_first_fisher", "--glue", GLUE, "--model", TINY, *common,
+                                   "--pairs", "3:3", "--head-steps", "0", "20",
+                                   "--save-dir", saved, "--json", str(tmp_path / "j.json")])
+  head_first.main()
+  with np.load(os.path.join(out, "seed-3", "child_mask.npz")) as f:
+    cli_mask = dict(f)
+  masks = {}
+  for steps in (0, 20):
+    with np.load(os.path.join(saved, f"steps-{steps}", "data-3-head-3.npz")) as f:
+      masks[steps] = dict(f)
+  assert masks[0].keys() == cli_mask.keys()
+  assert all(np.array_equal(masks[0][k], cli_mask[k]) for k in cli_mask)
+  # Training the head moves the Fisher: the network changes.
+  assert any(not np.array_equal(masks[0][k], masks[20][k]) for k in cli_mask)
