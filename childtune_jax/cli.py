@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -179,7 +180,7 @@ def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
     return task.metrics.index(name) if name in task.metrics else len(task.metrics)
 
   per_metric: dict[str, list[float]] = {}
-  for res in all_results.values():
+  for _, res in sorted(all_results.items()):
     for split, metrics in res["metrics"].items():
       for name in sorted(metrics, key=rank):
         per_metric.setdefault(f"{split}/{name}", []).append(metrics[name])
@@ -189,6 +190,45 @@ def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
     std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     out["metrics"][key] = {"mean": float(np.mean(values)), "std": std, "values": values}
   return out
+
+
+# Config fields that do not change a run's numbers: seeds that differ only in these summarise
+# together.
+_BOOKKEEPING = ("seed", "save_every", "save_model")
+
+
+def _experiment(config: dict) -> dict:
+  """A run's config without its seed and bookkeeping, older results filled with defaults."""
+  from childtune_jax import train
+
+  defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+  full = {**defaults, **config}
+  return {k: v for k, v in full.items() if k not in _BOOKKEEPING}
+
+
+def _other_seeds(out: str, results: dict[int, dict], cfg) -> dict[int, dict]:
+  """Finished runs of the same experiment already in ``out``, beyond this call's seeds.
+
+  The summary describes the folder: ``--seeds 42`` then ``--seeds 52`` into one folder
+  summarises both. A finished seed with another config is left out, with a warning.
+  """
+  this = _experiment(dataclasses.asdict(cfg))
+  found = {}
+  for name in sorted(os.listdir(out)):
+    path = os.path.join(out, name, "results.json")
+    if not (name.startswith("seed-") and name[5:].lstrip("-").isdigit()
+            and os.path.isfile(path)):
+      continue
+    seed = int(name[5:])
+    if seed in results:
+      continue
+    with open(path) as f:
+      res = json.load(f)
+    if _experiment(res.get("config", {})) != this:
+      logger.warning("%s was run with another config: left out of the summary", name)
+      continue
+    found[seed] = res
+  return found
 
 
 def train_command(args: argparse.Namespace) -> dict:
@@ -234,6 +274,7 @@ def train_command(args: argparse.Namespace) -> dict:
     results[seed] = train.run(cfg, train_set, evals, seed_dir, resume=args.resume,
                               keep_like_d=args.random_like)
     logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
+  results.update(_other_seeds(out, results, cfg))
   summary = summarize(results, task)
   summary["mode"] = args.mode
   train.write_json(os.path.join(out, "summary.json"), summary)

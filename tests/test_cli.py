@@ -275,3 +275,32 @@ def test_init_seed_sets_the_head_initialisation_apart_from_the_seed(tmp_path, mo
   calls.clear()
   assert cli.main([*argv, "--output-dir", str(tmp_path / "default"), "--seeds", "3"]) == 0
   assert calls == [3]
+
+
+def test_summary_covers_every_seed_of_the_same_experiment_in_the_folder(
+    tmp_path, monkeypatch, caplog):
+  import dataclasses
+
+  def fake_run(cfg, train_set, evals, seed_dir, resume, keep_like_d):
+    res = {"config": dataclasses.asdict(cfg), "score": cfg.seed / 100,
+           "metrics": {"dev": {"accuracy": cfg.seed / 100}}}
+    os.makedirs(seed_dir)
+    train.write_json(os.path.join(seed_dir, "results.json"), res)
+    return res
+
+  monkeypatch.setattr(train, "run", fake_run)
+  out = str(tmp_path / "run")
+  argv = ["train", "--task", "sst2", "--mode", "F", *FAST, "--output-dir", out]
+
+  def run(*extra):
+    return cli.train_command(cli.build_parser().parse_args([*argv, *extra]))
+
+  assert run("--seeds", "5", "1")["seeds"] == [1, 5]
+  summary = run("--resume", "--seeds", "3", "--save-every", "9")
+  assert summary["seeds"] == [1, 3, 5]
+  assert summary["metrics"]["dev/accuracy"]["values"] == [0.01, 0.03, 0.05]
+  with open(os.path.join(out, "summary.json")) as f:
+    assert json.load(f) == summary
+  summary = run("--resume", "--seeds", "7", "--learning-rate", "1e-4")
+  assert summary["seeds"] == [7]
+  assert sum("run with another config" in r.message for r in caplog.records) == 3
