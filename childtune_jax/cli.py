@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -12,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--pad-multiple", type=_positive_int, default=16,
                  help="batches are padded to their longest sequence rounded up to this "
                       "(fewer shapes to compile with a larger one)")
+  p.add_argument("--compilation-cache", metavar="DIR",
+                 help="keep XLA's compiled programs in DIR (JAX's persistent compilation "
+                      "cache), so that later runs and seeds with the same shapes skip "
+                      "compiling (default: $JAX_COMPILATION_CACHE_DIR if set, else none)")
   p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0],
                  help="how F draws its masks (default hash8: fastest; bernoulli: exact p)")
   p.add_argument("--freeze-non-child", action="store_true",
@@ -206,7 +211,7 @@ def _experiment(config: dict) -> dict:
   return {k: v for k, v in full.items() if k not in _BOOKKEEPING}
 
 
-def _other_seeds(out: str, results: dict[int, dict], cfg) -> dict[int, dict]:
+def _other_seeds(out: str, results: dict[int, dict], cfg: Any) -> dict[int, dict]:
   """Finished runs of the same experiment already in ``out``, beyond this call's seeds.
 
   The summary describes the folder: ``--seeds 42`` then ``--seeds 52`` into one folder
@@ -231,6 +236,42 @@ def _other_seeds(out: str, results: dict[int, dict], cfg) -> dict[int, dict]:
   return found
 
 
+@contextlib.contextmanager
+def _compilation_cache(path: str | None) -> Iterator[None]:
+  """JAX's persistent compilation cache in ``path`` while the block runs (``None``: as set)."""
+  if path is None:
+    yield
+    return
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  os.makedirs(path, exist_ok=True)
+  previous = jax.config.jax_compilation_cache_dir
+  compilation_cache.reset_cache()  # JAX reads the setting once, at its first compile
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
+def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
+  """The :class:`~childtune_jax.train.TrainConfig` of one seed of ``childtune train``."""
+  from childtune_jax import train
+
+  return train.TrainConfig(
+      task=task.name, mode=args.mode, seed=seed, reserve_p=args.reserve_p, model=args.model,
+      learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
+      warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+      max_seq_length=args.max_seq_length, pad_multiple=args.pad_multiple,
+      max_train_samples=args.max_train_samples,
+      fisher=args.fisher, fisher_microbatch=args.fisher_microbatch,
+      freeze_non_child=args.freeze_non_child, sampler=args.sampler,
+      save_every=args.save_every,
+      save_model=not args.no_save_model, init_seed=args.init_seed)
+
+
 def train_command(args: argparse.Namespace) -> dict:
   from childtune_jax import train
 
@@ -244,6 +285,9 @@ def train_command(args: argparse.Namespace) -> dict:
     raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
   if os.path.exists(out) and not os.path.isdir(out):
     raise UsageError(f"--output-dir {out} is a file")
+  cache = getattr(args, "compilation_cache", None)
+  if cache and os.path.exists(cache) and not os.path.isdir(cache):
+    raise UsageError(f"--compilation-cache {cache} is a file")
   train_set, evals = _load_data(args, task)
   _check_model(args.model)
   if args.overwrite and os.path.isdir(out):
@@ -253,28 +297,19 @@ def train_command(args: argparse.Namespace) -> dict:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   os.makedirs(out, exist_ok=True)
   results = {}
-  for seed in args.seeds:
-    seed_dir = os.path.join(out, f"seed-{seed}")
-    done = os.path.join(seed_dir, "results.json")
-    if args.resume and os.path.exists(done):
-      with open(done) as f:
-        results[seed] = json.load(f)
-      logger.info("seed %d already finished", seed)
-      continue
-    cfg = train.TrainConfig(
-        task=task.name, mode=args.mode, seed=seed, reserve_p=args.reserve_p, model=args.model,
-        learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
-        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-        max_seq_length=args.max_seq_length, pad_multiple=args.pad_multiple,
-        max_train_samples=args.max_train_samples,
-        fisher=args.fisher, fisher_microbatch=args.fisher_microbatch,
-        freeze_non_child=args.freeze_non_child, sampler=args.sampler,
-        save_every=args.save_every,
-        save_model=not args.no_save_model, init_seed=args.init_seed)
-    results[seed] = train.run(cfg, train_set, evals, seed_dir, resume=args.resume,
-                              keep_like_d=args.random_like)
-    logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
-  results.update(_other_seeds(out, results, cfg))
+  with _compilation_cache(cache):
+    for seed in args.seeds:
+      seed_dir = os.path.join(out, f"seed-{seed}")
+      done = os.path.join(seed_dir, "results.json")
+      if args.resume and os.path.exists(done):
+        with open(done) as f:
+          results[seed] = json.load(f)
+        logger.info("seed %d already finished", seed)
+        continue
+      results[seed] = train.run(_train_config(args, task, seed), train_set, evals, seed_dir,
+                                resume=args.resume, keep_like_d=args.random_like)
+      logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
+  results.update(_other_seeds(out, results, _train_config(args, task, args.seeds[0])))
   summary = summarize(results, task)
   summary["mode"] = args.mode
   train.write_json(os.path.join(out, "summary.json"), summary)

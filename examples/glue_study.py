@@ -48,6 +48,8 @@ def run_cell(task: str, mode: str, seeds: list[int], args: argparse.Namespace) -
     argv += ["--model", args.model]
   if args.learning_rate is not None:
     argv += ["--learning-rate", str(args.learning_rate)]
+  if args.compilation_cache:
+    argv += ["--compilation-cache", args.compilation_cache]
   print("+ childtune " + " ".join(argv), flush=True)
   return cli.main(argv)
 
@@ -64,6 +66,13 @@ def main() -> None:
   parser.add_argument("--model", help="default: the packaged all-MiniLM-L6-v2")
   parser.add_argument("--learning-rate", type=float,
                       help="the same for every mode; default: the reference's 4e-5")
+  parser.add_argument(
+      "--compilation-cache", metavar="DIR",
+      default=os.environ.get("JAX_COMPILATION_CACHE_DIR")
+      or os.path.join(os.path.expanduser("~"), ".cache", "childtune-jax", "xla"),
+      help="JAX's persistent compilation cache, shared by the runs: each batch shape of a "
+           "mode compiles once for the whole study ('' for none; default "
+           "$JAX_COMPILATION_CACHE_DIR or ~/.cache/childtune-jax/xla)")
   args = parser.parse_args()
   # Seed-major order: every finished seed adds one complete paired comparison.
   for seed in args.seeds:

@@ -168,6 +168,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys):
                                  "--validation-file", str(tmp_path / "x.csv"),
                                  "--text-columns", "a", "--label-column", "b"], "cannot read")
   _bad(tmp_path, capsys, ["overlap", str(tmp_path / "missing.npz")], "cannot read mask")
+  _bad(tmp_path, capsys, [*base, "--data-dir", GLUE, "--compilation-cache",
+                          str(tmp_path / "SST-2" / "train.tsv")], "--compilation-cache")
 
 
 @pytest.mark.parametrize("argv", [
@@ -301,6 +303,43 @@ def test_summary_covers_every_seed_of_the_same_experiment_in_the_folder(
   assert summary["metrics"]["dev/accuracy"]["values"] == [0.01, 0.03, 0.05]
   with open(os.path.join(out, "summary.json")) as f:
     assert json.load(f) == summary
+  assert run("--resume", "--seeds", "1") == summary  # all finished: nothing runs
   summary = run("--resume", "--seeds", "7", "--learning-rate", "1e-4")
   assert summary["seeds"] == [7]
   assert sum("run with another config" in r.message for r in caplog.records) == 3
+
+
+def test_compilation_cache_is_used_and_changes_no_number(tmp_path):
+  from jax.experimental.compilation_cache import compilation_cache
+
+  cache = tmp_path / "xla"
+  argv = ["train", "--task", "sst2", "--mode", "F", *FAST, "--no-save-model",
+          "--max-train-samples", "8"]
+  hits = {"write": 0, "read": 0}
+  name = "write"
+
+  def count(event, **kwargs):
+    if event == "/jax/compilation_cache/cache_hits":
+      hits[name] += 1
+
+  previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # tiny model: cache all
+  jax.monitoring.register_event_listener(count)
+  try:
+    for name in ("write", "read"):
+      argv_cached = [*argv, "--output-dir", str(tmp_path / name), "--compilation-cache", str(cache)]
+      assert cli.main(argv_cached) == 0
+      if name == "write":
+        written = sorted(os.listdir(cache))
+  finally:
+    jax.monitoring.unregister_event_listener(count)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+  assert any(n.endswith("-cache") for n in written)
+  assert sorted(os.listdir(cache)) == written  # the second run compiled nothing new
+  assert hits["read"] >= len(written) > 0
+  assert jax.config.jax_compilation_cache_dir is None  # the setting is put back
+  compilation_cache.reset_cache()
+  # The "write" run compiled as any run does; the "read" run used the stored programs.
+  write, read = (_results(str(tmp_path / n)) for n in ("write", "read"))
+  assert read["metrics"] == write["metrics"]
+  assert read["train_loss_last_epoch"] == write["train_loss_last_epoch"]
