@@ -469,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src.xla_bridge", "transformers.modeling_flax_utils"):
+  for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache",
+                "transformers.modeling_flax_utils"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
   args = build_parser().parse_args(argv)
   commands = {"train": train_command, "demo": demo_command, "overlap": overlap_command}
