@@ -6,6 +6,8 @@ stopped and continued at any time. The same seeds draw the same 1,000-example tr
 subsets in every mode, so that differences between modes are paired.
 
   python examples/glue_study.py --glue ../shared/glue --out results/low-resource
+
+``--max-train-samples all`` runs the full-data setting on the whole training set.
 """
 
 from __future__ import annotations
@@ -31,11 +33,20 @@ MODES = {  # study mode: childtune arguments
 }
 
 
+def _samples(text: str) -> int | None:
+  if text == "all":
+    return None
+  n = int(text)
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text}")
+  return n
+
+
 def run_cell(task: str, mode: str, seeds: list[int], args: argparse.Namespace) -> int:
   out = os.path.join(args.out, task, mode)
   p = P_F[task] if mode == "F" else P_D[task]
   argv = ["train", "--task", task, *MODES[mode], "--reserve-p", str(p),
-          "--data-dir", args.glue, "--max-train-samples", str(args.max_train_samples),
+          "--data-dir", args.glue,
           "--max-seq-length", str(MAX_LEN[task]), "--seeds", *map(str, seeds),
           "--no-save-model", "--save-every", "50", "--output-dir", out, "--resume"]
   if mode == "random":  # the size of the seed's own D child network
@@ -44,6 +55,8 @@ def run_cell(task: str, mode: str, seeds: list[int], args: argparse.Namespace) -
       print(f"skip {task}/random seed {seeds[0]}: run D first", file=sys.stderr)
       return 0
     argv += ["--random-like", d_mask]
+  if args.max_train_samples is not None:
+    argv += ["--max-train-samples", str(args.max_train_samples)]
   if args.model:
     argv += ["--model", args.model]
   if args.learning_rate is not None:
@@ -62,7 +75,8 @@ def main() -> None:
   parser.add_argument("--modes", nargs="+", default=["vanilla", "F", "D", "D-ref"],
                       choices=sorted(MODES))
   parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
-  parser.add_argument("--max-train-samples", type=int, default=1000)
+  parser.add_argument("--max-train-samples", type=_samples, default=1000,
+                      help="training examples drawn per seed, or 'all' (default: 1000)")
   parser.add_argument("--model", help="default: the packaged all-MiniLM-L6-v2")
   parser.add_argument("--learning-rate", type=float,
                       help="the same for every mode; default: the reference's 4e-5")

@@ -166,3 +166,21 @@ def test_head_first_fisher_at_zero_steps_is_the_cli_d_network(tmp_path, monkeypa
   assert all(np.array_equal(masks[0][k], cli_mask[k]) for k in cli_mask)
   # Training the head moves the Fisher: the network changes.
   assert any(not np.array_equal(masks[0][k], masks[20][k]) for k in cli_mask)
+
+
+def test_glue_study_full_data_passes_no_subset_size(tmp_path, monkeypatch, capsys):
+  study = _load("glue_study")
+  calls = []
+  monkeypatch.setattr(study.cli, "main", lambda argv: calls.append(argv) or 0)
+  base = ["glue_study", "--glue", GLUE, "--out", str(tmp_path), "--tasks", "rte", "--modes",
+          "vanilla", "--seeds", "7"]
+  for samples in ("all", "250"):
+    monkeypatch.setattr("sys.argv", [*base, "--max-train-samples", samples])
+    study.main()
+  full, subset = calls
+  assert "--max-train-samples" not in full
+  assert subset[subset.index("--max-train-samples") + 1] == "250"
+  monkeypatch.setattr("sys.argv", [*base, "--max-train-samples", "0"])
+  with pytest.raises(SystemExit):
+    study.main()
+  assert "must be a positive integer or 'all', got 0" in capsys.readouterr().err
