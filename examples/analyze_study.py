@@ -4,10 +4,11 @@ Reads ``OUT/<task>/<mode>/seed-<s>/results.json`` and writes ``OUT/summary.md`` 
 std per cell, the paired difference to vanilla with a 95% percentile bootstrap interval
 over seeds and the count of seeds above and below vanilla, per task and averaged over
 tasks; with 5 seeds the bootstrap interval is narrower than the truth, so read the counts
-too; where the ``random`` control ran, the paired difference of D to it) and
-``OUT/scores.png`` (one panel per task, a point per seed). With ``--glue``, it adds the
-score of a constant prediction of the training set's majority class: the floor that a
-model which learnt nothing reaches.
+too; the same for each task's other metrics, such as MRPC's accuracy beside its F1; where
+the ``random`` control ran, the paired difference of D to it) and ``OUT/scores.png`` (one
+panel per task, a point per seed). With ``--glue``, it adds the score of a constant
+prediction of the training set's majority class: the floor that a model which learnt
+nothing reaches.
 
   python examples/analyze_study.py --out results/low-resource --glue ../shared/glue
 """
@@ -25,33 +26,52 @@ METRIC = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "rte": "accuracy
 MODES = ["vanilla", "F", "D", "D-ref", "random"]
 
 
-def majority_scores(glue: str, tasks: list[str]) -> dict[str, float]:
-  """The dev score of always predicting the training set's most frequent label."""
+def majority_scores(glue: str, tasks: list[str]) -> dict[str, dict[str, float]]:
+  """Every dev metric of always predicting the training set's most frequent label."""
   from childtune_jax import data
   from childtune_jax.metrics import glue_metrics
 
   out = {}
   for task in tasks:
-    train, evals = data.load_glue_folder(data.TASKS[task], glue)
+    spec = data.TASKS[task]
+    train, evals = data.load_glue_folder(spec, glue)
     labels, counts = np.unique(train.labels, return_counts=True)
     dev = evals["dev"].labels
     constant = np.full(len(dev), labels[np.argmax(counts)])
-    out[task] = glue_metrics((METRIC[task],), constant, dev)[METRIC[task]]
+    out[task] = glue_metrics(spec.metrics, constant, dev)
   return out
 
 
-def load(out: str) -> tuple[dict, set[float]]:
-  """``scores[task][mode][seed]`` = the task's main dev metric, and the learning rates used."""
-  scores: dict = {}
-  rates = set()
+def load(out: str) -> tuple[dict, dict[str, set]]:
+  """``runs[task][mode][seed]`` = the run's dev metrics, and what the runs were set up with."""
+  runs: dict = {}
+  setup: dict[str, set] = {"learning_rate": set(), "model": set(), "max_train_samples": set()}
   for path in glob.glob(os.path.join(out, "*", "*", "seed-*", "results.json")):
     task, mode, seed_dir = path.split(os.sep)[-4:-1]
     with open(path) as f:
       res = json.load(f)
-    value = res["metrics"]["dev"][METRIC[task]]
-    scores.setdefault(task, {}).setdefault(mode, {})[int(seed_dir[5:])] = value
-    rates.add(res["config"]["learning_rate"])
-  return scores, rates
+    runs.setdefault(task, {}).setdefault(mode, {})[int(seed_dir[5:])] = res["metrics"]["dev"]
+    for key, values in setup.items():
+      values.add(res["config"].get(key))
+  return runs, setup
+
+
+def select(runs: dict, metric: str | None = None) -> dict:
+  """``scores[task][mode][seed]``: one metric of every run (default: each task's main one)."""
+  return {task: {mode: {seed: m[metric or METRIC[task]] for seed, m in cell.items()}
+                 for mode, cell in modes.items()}
+          for task, modes in runs.items()}
+
+
+def describe(setup: dict[str, set]) -> str:
+  """The plot's title: the model, the training set size and the learning rate of the runs."""
+  models = ", ".join(sorted(str(m) for m in setup["model"] - {None})) or "model not recorded"
+  sizes = setup["max_train_samples"]
+  data = ("the full training set" if sizes == {None} else
+          ", ".join(f"{n:,}" for n in sorted(n for n in sizes if n is not None))
+          + " training examples per seed" + (" or all" if None in sizes else ""))
+  lr = ", ".join(f"{r:g}" for r in sorted(setup["learning_rate"] - {None}))
+  return f"{models}, {data}, lr {lr}"
 
 
 def paired_bootstrap(diffs: np.ndarray, reps: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -87,11 +107,13 @@ def main() -> None:
   parser.add_argument("--out", default="results/low-resource")
   parser.add_argument("--glue", help="GLUE folder, for the majority-class floor")
   args = parser.parse_args()
-  scores, rates = load(args.out)
-  if not scores:
+  runs, setup = load(args.out)
+  if not runs:
     parser.error(f"no finished runs (<task>/<mode>/seed-<s>/results.json) under {args.out}")
+  scores = select(runs)
   tasks = [t for t in ("rte", "mrpc", "cola", "sst2") if t in scores]
-  floor = majority_scores(args.glue, tasks) if args.glue else {}
+  floors = majority_scores(args.glue, tasks) if args.glue else {}
+  floor = {t: f[METRIC[t]] for t, f in floors.items()}
   lines = ["| task | mode | seeds | mean ± std | paired diff to vanilla [95% bootstrap CI] |",
            "|---|---|---|---|---|"]
   for task in tasks:
@@ -111,6 +133,22 @@ def main() -> None:
   if floor and average:
     lines.append(f"| average of {len(tasks)} tasks | majority class | | "
                  f"{100 * np.mean(list(floor.values())):.2f} | |")
+  # The other metrics of a task: a gain in the main one may be a shift of the decision rule.
+  others = {t: sorted({k for cell in runs[t].values() for m in cell.values() for k in m}
+                      - {METRIC[t]}) for t in tasks}
+  if any(others.values()):
+    lines += ["", "Each task's other metrics.", "",
+              "| task | mode | seeds | mean ± std | paired diff to vanilla [95% bootstrap CI] |",
+              "|---|---|---|---|---|"]
+    for task in tasks:
+      for metric in others[task]:
+        label = f"{task} ({metric})"
+        if task in floors and metric in floors[task]:
+          lines.append(f"| {label} | majority class | | {100 * floors[task][metric]:.2f} | |")
+        cells = {mode: {s: m[metric] for s, m in runs[task][mode].items() if metric in m}
+                 for mode in MODES if runs[task].get(mode)}
+        lines += [_row(label, mode, cell, cells.get("vanilla", {}))
+                  for mode, cell in cells.items() if cell]
   controlled = [t for t in tasks if scores[t].get("D") and scores[t].get("random")]
   if controlled:
     lines += ["", "Analysis (a): the task-driven child network against a fixed random one of the "
@@ -142,8 +180,7 @@ def main() -> None:
       ax.legend(loc="lower right", fontsize=8)
     ax.set_xticks(range(len(present)), present)
     ax.set_title(f"{task} ({METRIC[task]}, dev)")
-  lr = ", ".join(f"{r:g}" for r in sorted(rates))
-  fig.suptitle(f"all-MiniLM-L6-v2, 1,000 training examples per seed, lr {lr}")
+  fig.suptitle(describe(setup))
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, "scores.png"), dpi=110)
 

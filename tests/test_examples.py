@@ -92,6 +92,40 @@ def test_summary_tables_against_hand_computed_statistics(tmp_path, monkeypatch):
   assert "average of" not in text  # one task: no average rows
 
 
+def test_summary_reports_each_tasks_other_metrics(tmp_path, monkeypatch):
+  out = str(tmp_path)
+  rng = np.random.default_rng(1)
+  seeds = [1, 2, 3]
+  metrics = {mode: {s: {"accuracy": rng.uniform(0.6, 0.8), "f1": rng.uniform(0.7, 0.9)}
+                    for s in seeds} for mode in ("vanilla", "D")}
+  for mode, cell in metrics.items():
+    for seed, dev in cell.items():
+      path = os.path.join(out, "mrpc", mode, f"seed-{seed}")
+      os.makedirs(path)
+      with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump({"metrics": {"dev": dev}, "config": {"learning_rate": 4e-5,
+                   "max_train_samples": None, "model": "tiny"}}, f)
+  monkeypatch.setattr("sys.argv", ["analyze_study", "--out", out, "--glue", GLUE])
+  analyze.main()
+  with open(os.path.join(out, "summary.md")) as f:
+    rows = f.read().splitlines()
+
+  def cells(label, mode):
+    return next(r for r in rows if r.startswith(f"| {label} | {mode} |")).split("|")
+
+  for metric in ("f1", "accuracy"):  # the main table holds F1, the second one accuracy
+    values = np.array([metrics["D"][s][metric] for s in seeds]) * 100
+    d = values - np.array([metrics["vanilla"][s][metric] for s in seeds]) * 100
+    row = cells(f"mrpc ({metric})", "D")
+    assert row[4].strip() == f"{values.mean():.2f} ± {np.std(values, ddof=1):.2f}"
+    assert row[5].strip().startswith(f"{d.mean():+.2f} [")
+  train = _majority(os.path.join(GLUE, "MRPC", "train.tsv"), 0, header=True)
+  dev = np.array(_majority(os.path.join(GLUE, "MRPC", "dev.tsv"), 0, header=True))
+  floor = 100 * np.mean(dev == np.bincount(train).argmax())
+  assert cells("mrpc (accuracy)", "majority class")[4].strip() == f"{floor:.2f}"
+  assert analyze.describe(analyze.load(out)[1]) == "tiny, the full training set, lr 4e-05"
+
+
 def test_analyze_study_fails_clearly_without_runs(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr("sys.argv", ["analyze_study", "--out", str(tmp_path)])
   with pytest.raises(SystemExit):
