@@ -95,11 +95,11 @@ def paired_diff(cell: dict, base: dict, base_name: str) -> str:
 
 
 def _row(label: str, mode: str, cell: dict, base: dict) -> str:
-  """One table row: mean ± std over seeds, and the paired difference to vanilla."""
+  """One table row: mean ± std over seeds (no std of one seed), and the paired difference."""
   values = np.array([cell[s] for s in sorted(cell)]) * 100
-  std = values.std(ddof=1) if len(values) > 1 else 0.0
+  spread = f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
   diff = paired_diff(cell, base, "vanilla") if mode != "vanilla" else ""
-  return f"| {label} | {mode} | {len(values)} | {values.mean():.2f} ± {std:.2f} | {diff} |"
+  return f"| {label} | {mode} | {len(values)} | {spread} | {diff} |"
 
 
 def main() -> None:
