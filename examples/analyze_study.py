@@ -87,11 +87,11 @@ def paired_diff(cell: dict, base: dict, base_name: str) -> str:
   if not common:
     return ""
   d = np.array([cell[s] - base[s] for s in common]) * 100
-  if len(common) == 1:
-    return f"{d[0]:+.2f} (n=1, no interval)"
+  counts = f"above {base_name} in {int((d > 0).sum())}, below in {int((d < 0).sum())}"
+  if len(common) < 3:  # a bootstrap of one or two values is no interval at all
+    return f"{d.mean():+.2f} (n={len(common)}, too few seeds for an interval; {counts})"
   lo, hi = paired_bootstrap(d)
-  return (f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(common)}; above {base_name} "
-          f"in {int((d > 0).sum())}, below in {int((d < 0).sum())})")
+  return f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(common)}; {counts})"
 
 
 def _row(label: str, mode: str, cell: dict, base: dict) -> str:

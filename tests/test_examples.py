@@ -40,6 +40,11 @@ def test_paired_bootstrap_matches_the_exact_bootstrap_distribution():
   assert lo < diffs.mean() < hi
 
 
+def test_paired_diff_gives_no_interval_below_three_seeds():
+  text = analyze.paired_diff({1: 0.80, 2: 0.70, 3: 0.9}, {1: 0.75, 2: 0.72}, "vanilla")
+  assert text == "+1.50 (n=2, too few seeds for an interval; above vanilla in 1, below in 1)"
+
+
 def _write_run(out, task, mode, seed, value, lr=4e-5):
   path = os.path.join(out, task, mode, f"seed-{seed}")
   os.makedirs(path)
