@@ -420,6 +420,9 @@ def overlap_command(args: argparse.Namespace) -> dict:
   if args.plot and importlib.util.find_spec("matplotlib") is None:
     raise UsageError("--plot needs matplotlib: pip install matplotlib")
   masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m).items()} for m in args.masks]
+  for out in (args.json, args.plot):
+    if out:
+      os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   where = None if args.all_leaves else is_encoder_layer
   for i in range(1, len(masks)):
     try:
@@ -458,8 +461,11 @@ def overlap_command(args: argparse.Namespace) -> dict:
       ax.set_title(label)
     fig.suptitle("Overlap of Child-Tuning_D child networks")
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
+    root, ext = os.path.splitext(args.plot)
+    tmp = f"{root}.tmp{ext}"  # the same suffix, so that matplotlib picks the same format
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    os.replace(tmp, args.plot)
   return result
 
 

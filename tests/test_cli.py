@@ -85,11 +85,13 @@ def test_own_csv_files_and_overlap(tmp_path, capsys):
     assert cli.main(argv) == 0
     assert _results(out, seed)["train_examples"] == 20
   files = [os.path.join(o, f"seed-{s}", "child_mask.npz") for o, s in zip(outs, (1, 2))]
-  result_json = str(tmp_path / "overlap.json")
-  plot = tmp_path / "overlap.png"
+  out_dir = tmp_path / "not" / "yet"  # made by the command
+  result_json = str(out_dir / "overlap.json")
+  plot = out_dir / "overlap.png"
   assert cli.main(["overlap", *files, "--names", "a", "b", "--json", result_json,
                    "--plot", str(plot)]) == 0
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert sorted(os.listdir(out_dir)) == ["overlap.json", "overlap.png"]  # no temporary files
   a, b = (dict(np.load(f)) for f in files)
   inter = sum(int((a[k] & b[k]).sum()) for k in a if "layer" in k)
   union = sum(int((a[k] | b[k]).sum()) for k in a if "layer" in k)
