@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from childtune_jax import _tree, data
+from childtune_jax import _tree, data, files
 
 logger = logging.getLogger("childtune")
 DEMO_DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -312,7 +312,7 @@ def train_command(args: argparse.Namespace) -> dict:
   results.update(_other_seeds(out, results, _train_config(args, task, args.seeds[0])))
   summary = summarize(results, task)
   summary["mode"] = args.mode
-  train.write_json(os.path.join(out, "summary.json"), summary)
+  files.write_json(os.path.join(out, "summary.json"), summary)
   print(format_table([(args.mode, summary)]))
   return summary
 
@@ -436,9 +436,7 @@ def overlap_command(args: argparse.Namespace) -> dict:
   _print_matrix("overlap |A n B| / min(|A|, |B|)", names, result["overlap"])
   _print_matrix("Jaccard of random masks of the same sizes", names, result["random_jaccard"])
   if args.json:
-    from childtune_jax.train import write_json
-
-    write_json(args.json, result)
+    files.write_json(args.json, result)
   if args.plot:
     import matplotlib
 
@@ -461,11 +459,10 @@ def overlap_command(args: argparse.Namespace) -> dict:
       ax.set_title(label)
     fig.suptitle("Overlap of Child-Tuning_D child networks")
     fig.tight_layout()
-    root, ext = os.path.splitext(args.plot)
-    tmp = f"{root}.tmp{ext}"  # the same suffix, so that matplotlib picks the same format
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, args.plot)
+    try:
+      files.save_figure(fig, args.plot, dpi=120)
+    finally:
+      plt.close(fig)
   return result
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -18,7 +17,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from childtune_jax import _tree, data
+from childtune_jax import _tree, data, files
 from childtune_jax.fisher import fisher_information
 from childtune_jax.masks import fisher_mask, is_encoder_layer, kept_fraction, random_keep
 from childtune_jax.metrics import glue_metrics
@@ -135,9 +134,8 @@ def save_keep(path: str, keep: Any) -> None:
   """Saves a bool pytree as ``.npz`` keyed by leaf path, atomically."""
   leaves = jax.tree_util.tree_leaves(keep)
   arrays = {p: np.asarray(x) for p, x in zip(_tree.leaf_paths(keep), leaves)}
-  tmp = path + ".tmp.npz"
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
+  with files.replacing(path) as tmp:
+    np.savez_compressed(tmp, **arrays)
 
 
 def load_keep(path: str, like: Any) -> Any:
@@ -153,14 +151,6 @@ def load_keep(path: str, like: Any) -> Any:
   _tree.check_bool(path, keep)
   _tree.check_structure(path, keep, like)
   return keep
-
-
-def write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def _is_key(x: Any) -> bool:
@@ -437,7 +427,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
-  write_json(os.path.join(out_dir, "results.json"), results)
+  files.write_json(os.path.join(out_dir, "results.json"), results)
   ckpt.close()
   shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
   return results

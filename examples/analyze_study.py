@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from childtune_jax import files
+
 METRIC = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "rte": "accuracy"}
 MODES = ["vanilla", "F", "D", "D-ref", "random"]
 
@@ -157,8 +159,7 @@ def main() -> None:
       diff = paired_diff(scores[t]["D"], scores[t]["random"], "random")
       lines.append(f"| {t} ({METRIC[t]}) | {diff} |")
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(args.out, "summary.md"), "w") as f:
-    f.write(text)
+  files.write_text(os.path.join(args.out, "summary.md"), text)
   print(text)
   try:
     import matplotlib
@@ -182,7 +183,8 @@ def main() -> None:
     ax.set_title(f"{task} ({METRIC[task]}, dev)")
   fig.suptitle(describe(setup))
   fig.tight_layout()
-  fig.savefig(os.path.join(args.out, "scores.png"), dpi=110)
+  files.save_figure(fig, os.path.join(args.out, "scores.png"), dpi=110)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from childtune_jax import data, fisher_information, fisher_mask, is_encoder_layer, jaccard
+from childtune_jax import data, files, fisher_information, fisher_mask, is_encoder_layer, jaccard
 from childtune_jax.train import DEFAULT_MODEL, load_model, save_keep
 
 
@@ -98,8 +97,7 @@ def main() -> None:
     for name, row in zip(names, matrix):
       print(f"{name:>20}  " + "  ".join(f"{v:.3f}" for v in row))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    files.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import re
 
 import numpy as np
 
+from childtune_jax import files
+
 LAYER = re.compile(r"(?:^|/)layer/(\d+)/")
 
 
@@ -66,8 +68,7 @@ def main() -> None:
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+    files.write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from childtune_jax import cli, data, train
+from childtune_jax import cli, data, files, train
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")
@@ -289,7 +289,7 @@ def test_summary_covers_every_seed_of_the_same_experiment_in_the_folder(
     res = {"config": dataclasses.asdict(cfg), "score": cfg.seed / 100,
            "metrics": {"dev": {"accuracy": cfg.seed / 100}}}
     os.makedirs(seed_dir)
-    train.write_json(os.path.join(seed_dir, "results.json"), res)
+    files.write_json(os.path.join(seed_dir, "results.json"), res)
     return res
 
   monkeypatch.setattr(train, "run", fake_run)

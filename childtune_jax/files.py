@@ -1,0 +1,51 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Every result this library writes (run results, summaries, masks, plots) goes through
+:func:`replacing`, so that a run killed mid-write, or a value that fails to serialise, leaves the
+previous file in place and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def replacing(path: str) -> Iterator[str]:
+  """Yields a temporary path beside ``path`` and moves it onto ``path`` when the block succeeds.
+
+  The temporary path keeps ``path``'s extension (``a.png`` -> ``a.tmp.png``), so writers that
+  choose a format by extension (matplotlib, ``np.savez``) write the right one. If the block
+  raises, the temporary file is removed and ``path`` is left as it was.
+  """
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{ext}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically."""
+  with replacing(path) as tmp, open(tmp, "w") as f:
+    f.write(text)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+  with replacing(path) as tmp, open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def save_figure(fig: Any, path: str, **kwargs: Any) -> None:
+  """Saves a matplotlib figure to ``path`` atomically; ``kwargs`` go to ``fig.savefig``."""
+  with replacing(path) as tmp:
+    fig.savefig(tmp, **kwargs)
