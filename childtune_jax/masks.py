@@ -84,7 +84,7 @@ def _nonfinite_count(x: jax.Array) -> jax.Array:
 def _percentile_keep_count(n: int, reserve_p: float) -> int:
   """How many of ``n`` tie-free scores ``>= np.percentile(s, (1 - reserve_p) * 100)``."""
   q = ((1.0 - reserve_p) * 100.0) / 100.0  # the reference's percentile, as numpy reads it
-  pos = min(max(n * q - q, 0.0), n - 1.0)  # numpy's 'linear' virtual index
+  pos = min(max((n - 1) * q, 0.0), n - 1.0)  # numpy's 'linear' virtual index
   below = math.floor(pos)
   return n - below if pos == below else n - below - 1
 

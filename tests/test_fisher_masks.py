@@ -118,6 +118,19 @@ def test_fisher_mask_matches_np_percentile(reserve_p):
   _check_against_percentile(reserve_p)
 
 
+def test_keep_count_uses_numpys_linear_index_exactly():
+  # (n - 1) * q, not n * q - q: they round differently for e.g. n = 6, p = 0.2.
+  from childtune_jax.masks import _percentile_keep_count
+
+  for n in range(1, 400):
+    scores = np.random.default_rng(n).permutation(n).astype(np.float32)
+    for p in (0.1, 0.2, 0.3):
+      want = int(np.sum(scores >= np.percentile(scores, (1 - p) * 100)))
+      assert _percentile_keep_count(n, p) == want, (n, p)
+  keep = fisher_mask({"w": jnp.arange(6, dtype=jnp.float32)}, 0.2)
+  assert keep["w"].tolist() == [False, False, False, False, True, True]
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
   """Counts in chunks of 64 scalars, so that small leaves take the chunked loop."""
