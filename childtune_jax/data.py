@@ -95,6 +95,14 @@ class Examples:
     texts = [[col[i] for i in index] for col in self.texts]
     return Examples(texts, self.labels[np.asarray(index)], self.source)
 
+  def digest(self) -> str:
+    """A SHA-256 of the texts and labels in order: equal digests, the same examples."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(self.texts, ensure_ascii=False).encode())
+    h.update(np.ascontiguousarray(self.labels).tobytes())
+    return h.hexdigest()
+
 
 def _parse_label(task: Task, value: Any, where: str) -> float | int:
   if task.is_regression:
@@ -224,12 +232,45 @@ def load_hf_glue(task: Task) -> tuple[Examples, dict[str, Examples]]:
       out: convert(ds[k], k) for k, out in evals.items() if k in ds}
 
 
+def _subset_index(total: int, n: int, seed: int) -> np.ndarray:
+  return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+
+
 def subsample(examples: Examples, n: int | None, seed: int) -> Examples:
   """A fixed random subset of ``n`` examples per seed (the paper's low-resource setting)."""
   if n is None or n >= len(examples):
     return examples
-  index = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
-  return examples.subset(index)
+  return examples.subset(_subset_index(len(examples), n, seed))
+
+
+def split_selection(examples: Examples, n_train: int | None, n_selection: int, seed: int
+                    ) -> tuple[Examples, Examples]:
+  """The seed's training subset and a disjoint *selection split* carved from the same file.
+
+  The selection split chooses hyperparameters, so that the official dev set, the test,
+  chooses nothing. With ``n_train``, the training subset is :func:`subsample`'s (the same
+  examples with or without a selection split) and the selection split is drawn from the
+  rest; without it, the selection split is drawn first and training takes everything else.
+  Both are functions of ``seed`` alone, so every method of a study sees the same splits.
+
+  Raises:
+    DataError: when the file has too few examples for both.
+  """
+  total = len(examples)
+  if n_train is None:
+    if n_selection >= total:
+      raise DataError(f"{examples.source}: {total} examples cannot give a selection split of "
+                      f"{n_selection} and leave any to train on")
+    chosen = _subset_index(total, n_selection, seed)
+    rest = np.setdiff1d(np.arange(total), chosen)
+    return examples.subset(rest), examples.subset(chosen)
+  if n_train + n_selection > total:
+    raise DataError(f"{examples.source}: {total} examples cannot give {n_train} to train on and "
+                    f"a disjoint selection split of {n_selection}")
+  train = np.arange(total) if n_train >= total else _subset_index(total, n_train, seed)
+  rest = np.setdiff1d(np.arange(total), train)
+  chosen = np.sort(np.random.default_rng([seed, 2]).choice(rest, n_selection, replace=False))
+  return examples.subset(train), examples.subset(chosen)
 
 
 @dataclasses.dataclass

@@ -49,3 +49,14 @@ def save_figure(fig: Any, path: str, **kwargs: Any) -> None:
   """Saves a matplotlib figure to ``path`` atomically; ``kwargs`` go to ``fig.savefig``."""
   with replacing(path) as tmp:
     fig.savefig(tmp, **kwargs)
+
+
+def sha256(path: str) -> str:
+  """The SHA-256 hex digest of a file's bytes."""
+  import hashlib
+
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()

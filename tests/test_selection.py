@@ -1,0 +1,108 @@
+"""The selection split: hyperparameters are chosen on data that neither trains nor tests."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from childtune_jax import cli, data
+
+HERE = os.path.dirname(__file__)
+GLUE = os.path.join(HERE, "fixtures", "glue")
+TINY = os.path.join(HERE, "fixtures", "tiny-bert")
+
+
+def _examples(n):
+  return data.Examples([[f"text {i}" for i in range(n)]], np.arange(n) % 2, "mem")
+
+
+def _ids(examples):
+  return {int(t.split()[1]) for t in examples.texts[0]}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_selection_is_disjoint_and_training_subset_is_unchanged(seed):
+  ex = _examples(100)
+  train, sel = data.split_selection(ex, 30, 20, seed)
+  assert len(_ids(train)) == 30 and len(_ids(sel)) == 20
+  assert not _ids(train) & _ids(sel)
+  assert _ids(train) == _ids(data.subsample(ex, 30, seed))  # the same subset as without it
+  again = data.split_selection(ex, 30, 20, seed)
+  assert _ids(again[1]) == _ids(sel)
+  other = data.split_selection(ex, 30, 20, seed + 1)
+  assert _ids(other[1]) != _ids(sel)
+
+
+def test_selection_without_a_training_subset_trains_on_the_rest():
+  ex = _examples(50)
+  train, sel = data.split_selection(ex, None, 10, 3)
+  assert len(sel) == 10 and _ids(train) | _ids(sel) == set(range(50))
+  assert not _ids(train) & _ids(sel)
+  # labels travel with their texts
+  assert all(label == i % 2 for i, label in zip(sorted(_ids(sel)), sel.labels))
+
+
+def test_selection_that_does_not_fit_is_a_data_error():
+  with pytest.raises(data.DataError, match="selection split of 20"):
+    data.split_selection(_examples(40), 30, 20, 0)
+  with pytest.raises(data.DataError, match="selection split of 40"):
+    data.split_selection(_examples(40), None, 40, 0)
+
+
+def _run(tmp_path, name, mode, *extra):
+  out = str(tmp_path / name)
+  argv = ["train", "--task", "sst2", "--mode", mode, "--model", TINY, "--data-dir", GLUE,
+          "--epochs", "2", "--batch-size", "8", "--max-seq-length", "32",
+          "--max-train-samples", "16", "--selection-samples", "8", "--no-save-model",
+          "--output-dir", out, *extra]
+  assert cli.main(argv) == 0
+  results = {}
+  for seed_dir in sorted(os.listdir(out)):
+    if seed_dir.startswith("seed-"):
+      with open(os.path.join(out, seed_dir, "results.json")) as f:
+        results[int(seed_dir[5:])] = json.load(f)
+  return results
+
+
+def test_cli_selection_only_never_scores_dev_and_pairs_methods(tmp_path):
+  vanilla = _run(tmp_path, "v", "vanilla", "--selection-only", "--seeds", "1", "2")
+  f = _run(tmp_path, "f", "F", "--selection-only", "--seeds", "1")
+  full = _run(tmp_path, "full", "vanilla", "--seeds", "1")
+  res = vanilla[1]
+  assert set(res["metrics"]) == {"selection"} and res["score"] is None
+  assert res["selection_score"] == res["metrics"]["selection"]["accuracy"]
+  assert len(res["selection_by_epoch"]) == 2
+  assert res["selection_by_epoch"][-1] == res["selection_score"]
+  assert len(res["train_losses"]) == res["steps"] == 4
+  assert res["train_loss_per_epoch"] == pytest.approx(
+      [np.mean(res["train_losses"][:2]), np.mean(res["train_losses"][2:])])
+  # The same seed gives every method the same training and selection data; another seed not.
+  assert f[1]["data_sha256"] == res["data_sha256"]
+  assert vanilla[2]["data_sha256"]["selection"] != res["data_sha256"]["selection"]
+  # ... and it is the split computed independently from the file; dev is scored without it.
+  train_file = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(GLUE, "SST-2", "train.tsv"))
+  train, sel = data.split_selection(train_file, 16, 8, 1)
+  assert res["data_sha256"] == {"train": train.digest(), "selection": sel.digest()}
+  dev = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
+  assert full[1]["data_sha256"]["dev"] == dev.digest()
+  assert set(full[1]["metrics"]) == {"dev", "selection"}
+  assert full[1]["score"] == full[1]["metrics"]["dev"]["accuracy"]
+  # The same training run: a selection-only run differs from a full one in scoring only.
+  assert full[1]["selection_by_epoch"] == res["selection_by_epoch"]
+  assert full[1]["train_losses"] == res["train_losses"]
+
+
+def test_cli_selection_options_are_checked(tmp_path, capsys):
+  base = ["train", "--task", "sst2", "--model", TINY, "--data-dir", GLUE,
+          "--output-dir", str(tmp_path / "x")]
+  assert cli.main([*base, "--mode", "F", "--selection-only"]) == 2
+  assert cli.main([*base, "--mode", "F", "--child-mask", "nope.npz"]) == 2
+  assert cli.main([*base, "--mode", "D", "--child-mask", str(tmp_path / "nope.npz")]) == 2
+  assert cli.main([*base, "--mode", "vanilla", "--max-train-samples", "30",
+                   "--selection-samples", "8"]) == 2
+  err = capsys.readouterr().err
+  assert "--selection-only needs --selection-samples" in err
+  assert "--child-mask goes with --mode D" in err and "does not exist" in err
+  assert "selection split of 8" in err
+  assert not os.path.exists(tmp_path / "x" / "seed-42")
