@@ -24,7 +24,13 @@ import numpy as np
 import optax
 from transformers import BertConfig, FlaxBertForSequenceClassification
 
-from childtune_jax import child_tuning_adamw, fisher_information, fisher_mask, is_encoder_layer
+from childtune_jax import (
+    child_tuning_adamw,
+    child_tuning_dynamic,
+    fisher_information,
+    fisher_mask,
+    is_encoder_layer,
+)
 
 SIZES = {
     "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -96,6 +102,11 @@ def main() -> None:
       "D (uint8 packed mask)": optax.chain(
           optax.clip_by_global_norm(1.0),
           child_tuning_adamw(4e-5, mode="D", keep=keep, packing="uint8", **kw)),
+      # re-selects every 10 steps, so the timed steps include re-selections (amortised)
+      "dynamic (every 10)": optax.chain(
+          optax.clip_by_global_norm(1.0),
+          child_tuning_dynamic(0.3, every=10, where=is_encoder_layer),
+          optax.adamw(4e-5, **kw)),
   }
 
   def make_step(tx):

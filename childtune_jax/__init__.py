@@ -4,6 +4,7 @@ Xu et al, "Raise a Child in Large Language Model: Towards Effective and Generali
 Fine-tuning", EMNLP 2021 (https://arxiv.org/abs/2109.05687).
 """
 
+from childtune_jax.dynamic import ChildTuningDynamicState, child_tuning_dynamic, current_keep, dps
 from childtune_jax.fisher import fisher_information
 from childtune_jax.masks import fisher_mask, is_encoder_layer, jaccard, kept_fraction, random_keep
 from childtune_jax.packing import pack_keep, unpack_keep
@@ -21,12 +22,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAMPLERS",
+    "ChildTuningDynamicState",
     "ChildTuningDState",
     "ChildTuningFState",
     "child_tuning_adamw",
     "child_tuning_d",
+    "child_tuning_dynamic",
+    "current_keep",
     "child_tuning_f",
     "default_weight_decay_mask",
+    "dps",
     "fisher_information",
     "fisher_mask",
     "is_encoder_layer",

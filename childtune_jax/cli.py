@@ -56,8 +56,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   from childtune_jax.transform import SAMPLERS
 
   p.add_argument("--mode", choices=MODES, required=True,
-                 help="vanilla AdamW, Child-Tuning_F, Child-Tuning_D, or D's size with a random "
-                      "child network (the paper's control)")
+                 help="vanilla AdamW, Child-Tuning_F, Child-Tuning_D, D's size with a random "
+                      "child network (the paper's control), or a dynamic child network "
+                      "re-selected during training")
   p.add_argument("--reserve-p", type=_reserve_p, default=0.3, help="child network size p")
   p.add_argument("--model", default=DEFAULT_MODEL,
                  help="local folder or hub name of a Flax/PyTorch HF model (default: "
@@ -70,6 +71,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   src.add_argument("--label-column", help="label column of your own files")
   p.add_argument("--max-train-samples", type=_positive_int,
                  help="a fixed random subset per seed (the paper's low-resource setting: 1000)")
+  p.add_argument("--selection-samples", type=_positive_int,
+                 help="also carve a selection split of N examples per seed from the training "
+                      "file, disjoint from the training subset, to choose hyperparameters on "
+                      "(scored after every epoch)")
+  p.add_argument("--selection-only", action="store_true",
+                 help="score the selection split only: the dev set stays unseen (tuning runs)")
   p.add_argument("--seeds", type=_seed, nargs="+", default=[42])
   p.add_argument("--init-seed", type=_seed,
                  help="seed of the new classification head's initialisation, the same for "
@@ -95,6 +102,18 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                  help="how F draws its masks (default hash8: fastest; bernoulli: exact p)")
   p.add_argument("--freeze-non-child", action="store_true",
                  help="also mask the final update, so non-child weights do not move at all")
+  p.add_argument("--child-mask", metavar="MASK",
+                 help="mode D: train this saved child network (an earlier run's "
+                      "child_mask.npz of the same seed) instead of running the Fisher pass")
+  dyn = p.add_argument_group("mode dynamic")
+  dyn.add_argument("--every", type=_positive_int,
+                   help="steps between re-selections of the network (default: 5%% of the "
+                        "training steps, DPS's stage length)")
+  dyn.add_argument("--full-stage", type=_checked(int, lambda v: v >= 0, "must be at least 0"),
+                   help="steps that update everything while the score gathers, before the "
+                        "first selection (default: --every)")
+  dyn.add_argument("--score-decay", type=_fraction, default=0.99,
+                   help="EMA decay of the squared-gradient score (default 0.99)")
   p.add_argument("--random-like", metavar="MASK",
                  help="mode random: keep as many scalars as this D mask file")
   p.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps")
@@ -189,7 +208,10 @@ def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
     for split, metrics in res["metrics"].items():
       for name in sorted(metrics, key=rank):
         per_metric.setdefault(f"{split}/{name}", []).append(metrics[name])
-    per_metric.setdefault("score", []).append(res["score"])
+    if res.get("score") is not None:
+      per_metric.setdefault("score", []).append(res["score"])
+    if res.get("selection_score") is not None:
+      per_metric.setdefault("selection_score", []).append(res["selection_score"])
   out = {"seeds": sorted(all_results), "task": task.name, "metrics": {}}
   for key, values in per_metric.items():
     std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -269,7 +291,10 @@ def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
       fisher=args.fisher, fisher_microbatch=args.fisher_microbatch,
       freeze_non_child=args.freeze_non_child, sampler=args.sampler,
       save_every=args.save_every,
-      save_model=not args.no_save_model, init_seed=args.init_seed)
+      save_model=not args.no_save_model, init_seed=args.init_seed,
+      selection_samples=args.selection_samples, eval_dev=not args.selection_only,
+      child_mask=args.child_mask, every=args.every, full_stage=args.full_stage,
+      score_decay=args.score_decay)
 
 
 def train_command(args: argparse.Namespace) -> dict:
@@ -280,6 +305,16 @@ def train_command(args: argparse.Namespace) -> dict:
     raise UsageError("--random-like goes with --mode random")
   if args.random_like and not os.path.isfile(args.random_like):
     raise UsageError(f"mask file {args.random_like} does not exist")
+  if args.child_mask and args.mode != "D":
+    raise UsageError("--child-mask goes with --mode D")
+  if args.child_mask and not os.path.isfile(args.child_mask):
+    raise UsageError(f"mask file {args.child_mask} does not exist")
+  if args.mode != "dynamic" and (args.every or args.full_stage is not None):
+    raise UsageError("--every and --full-stage go with --mode dynamic")
+  if args.mode == "dynamic" and args.freeze_non_child:
+    raise UsageError("--freeze-non-child is for modes F and D")
+  if args.selection_only and not args.selection_samples:
+    raise UsageError("--selection-only needs --selection-samples N")
   out = args.output_dir
   if _finished(out) and not (args.resume or args.overwrite):
     raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
@@ -289,6 +324,8 @@ def train_command(args: argparse.Namespace) -> dict:
   if cache and os.path.exists(cache) and not os.path.isdir(cache):
     raise UsageError(f"--compilation-cache {cache} is a file")
   train_set, evals = _load_data(args, task)
+  if args.selection_samples:  # its size does not depend on the seed: check it once, early
+    data.split_selection(train_set, args.max_train_samples, args.selection_samples, 0)
   _check_model(args.model)
   if args.overwrite and os.path.isdir(out):
     for name in os.listdir(out):
@@ -319,7 +356,7 @@ def train_command(args: argparse.Namespace) -> dict:
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
   """A plain-text table of mean ± std per metric, one row per run."""
-  keys = [k for k in rows[0][1]["metrics"] if k != "score"]
+  keys = [k for k in rows[0][1]["metrics"] if k not in ("score", "selection_score")]
   header = ["mode"] + keys + ["seeds"]
   lines = []
   for name, summary in rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -18,15 +19,17 @@ import optax
 from tqdm.auto import tqdm
 
 from childtune_jax import _tree, data, files
+from childtune_jax.dynamic import ChildTuningDynamicState, child_tuning_dynamic
 from childtune_jax.fisher import fisher_information
-from childtune_jax.masks import fisher_mask, is_encoder_layer, kept_fraction, random_keep
+from childtune_jax.masks import fisher_mask, is_encoder_layer, jaccard, kept_fraction, random_keep
 from childtune_jax.metrics import glue_metrics
 from childtune_jax.transform import child_tuning_adamw, default_weight_decay_mask
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-MODES = ("vanilla", "F", "D", "random")
+MODES = ("vanilla", "F", "D", "random", "dynamic")
+SELECTION = "selection"  # the name of the selection split among the evaluation splits
 
 
 class ModelError(ValueError):
@@ -59,6 +62,12 @@ class TrainConfig:
   save_model: bool = True
   init_seed: int | None = None  # the new head's initialisation; None: ``seed``
   eval_batch_size: int = 64
+  selection_samples: int | None = None  # a selection split carved from the training file
+  eval_dev: bool = True  # False: score the selection split only (tuning runs)
+  child_mask: str | None = None  # mode D: this saved mask instead of a Fisher pass
+  every: int | None = None  # dynamic: steps between re-selections; None: 5% of the steps
+  full_stage: int | None = None  # dynamic: full-update steps first; None: ``every``
+  score_decay: float = 0.99  # dynamic: the EMA decay of the squared-gradient score
 
 
 def resolve_model_path(name: str) -> str:
@@ -272,6 +281,25 @@ def versions() -> dict[str, str]:
   return out
 
 
+def _dynamic_state(opt_state: Any) -> ChildTuningDynamicState:
+  """The :class:`ChildTuningDynamicState` inside an optimizer state."""
+  found = [x for x in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, ChildTuningDynamicState))
+      if isinstance(x, ChildTuningDynamicState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one dynamic child network in the optimizer state, got {len(found)}")
+  return found[0]
+
+
+def _network_change(network: dict, opt_state: Any, step: int) -> dict:
+  """The size of the dynamic network just selected, and its Jaccard with the one before."""
+  keep = _dynamic_state(opt_state).keep
+  words = jax.tree_util.tree_leaves(keep)
+  kept = sum(int(jnp.sum(jax.lax.population_count(w).astype(jnp.uint32))) for w in words)
+  previous, network["previous"] = network["previous"], jax.tree_util.tree_map(jnp.copy, keep)
+  return {"step": step, "kept": kept, "jaccard_previous": jaccard(keep, previous)}
+
+
 def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Examples],
         out_dir: str, *, resume: bool = False, keep_like_d: str | None = None) -> dict:
   """Fine-tunes one seed and returns its results (also written to ``out_dir/results.json``).
@@ -291,8 +319,14 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
   model, tokenizer = load_model(cfg.model, task.num_labels, init_seed)
   pad_id = tokenizer.pad_token_id or 0
-  train_set = data.subsample(train_set, cfg.max_train_samples, cfg.seed)
+  evals = dict(evals) if cfg.eval_dev else {}
+  if cfg.selection_samples:
+    train_set, evals[SELECTION] = data.split_selection(
+        train_set, cfg.max_train_samples, cfg.selection_samples, cfg.seed)
+  else:
+    train_set = data.subsample(train_set, cfg.max_train_samples, cfg.seed)
   train_enc = data.encode(tokenizer, train_set, cfg.max_seq_length)
+  digests = {"train": train_set.digest(), **{k: v.digest() for k, v in evals.items()}}
   eval_enc = {k: data.encode(tokenizer, v, cfg.max_seq_length) for k, v in evals.items()}
   params = model.params
   timings["load_s"] = time.perf_counter() - t0
@@ -313,13 +347,17 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   steps_per_epoch = math.ceil(len(train_enc) / cfg.batch_size)
   total_steps = steps_per_epoch * cfg.epochs
   schedule = linear_warmup_decay(cfg.learning_rate, total_steps, cfg.warmup_ratio)
-  results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "train_examples": len(train_enc)}
+  results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "train_examples": len(train_enc),
+                             "data_sha256": digests}
 
   keep = None
   mask_path = os.path.join(out_dir, "child_mask.npz")
   if cfg.mode in ("D", "random"):
     if resume and os.path.exists(mask_path):
       keep = load_keep(mask_path, params)
+    elif cfg.child_mask:
+      keep = load_keep(cfg.child_mask, params)
+      results["child_mask_sha256"] = files.sha256(cfg.child_mask)
     elif cfg.mode == "D":
       t = time.perf_counter()
       order = data.fisher_order(len(train_enc), cfg.seed)
@@ -352,6 +390,19 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
     core = child_tuning_adamw(schedule, mode="F", reserve_p=cfg.reserve_p, key=cfg.seed,
                               sampler=cfg.sampler, freeze_non_child=cfg.freeze_non_child,
                               **adamw_kwargs)
+  elif cfg.mode == "dynamic":
+    every = cfg.every or max(1, round(0.05 * total_steps))  # DPS's stage: 5% of the steps
+    full_stage = every if cfg.full_stage is None else cfg.full_stage
+    results["child_network"] = {
+        "every": every, "full_stage": full_stage, "reserve_p": cfg.reserve_p,
+        "score_decay": cfg.score_decay,
+        "total": sum(x.size for x, take in zip(jax.tree_util.tree_leaves(params),
+                                               _tree.resolve_where(is_encoder_layer, params))
+                     if take)}
+    core = optax.chain(
+        child_tuning_dynamic(cfg.reserve_p, every=every, full_stage=full_stage,
+                             decay=cfg.score_decay, where=is_encoder_layer),
+        optax.adamw(schedule, mask=default_weight_decay_mask, **adamw_kwargs))
   else:
     core = child_tuning_adamw(schedule, mode="D", keep=keep, packing="uint8",
                               freeze_non_child=cfg.freeze_non_child, **adamw_kwargs)
@@ -365,6 +416,28 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  eval_logits = jax.jit(logits_fn)
+
+  def evaluate(params: Any, name: str) -> dict[str, float]:
+    enc = eval_enc[name]
+    outs = []
+    for batch in tqdm(data.batches(enc, cfg.eval_batch_size, cfg.max_seq_length, pad_id,
+                                   pad_rows=True, bucket=cfg.pad_multiple),
+                      total=math.ceil(len(enc) / cfg.eval_batch_size), desc=f"eval {name}",
+                      disable=None, leave=False):
+      outs.append(np.asarray(eval_logits(params, batch), np.float32))
+    logits = np.concatenate(outs)[:len(enc)]
+    preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
+    return glue_metrics(task.metrics, preds, enc.labels)
+
+  # The selection split is scored after every epoch (how the score moves with training),
+  # and a dynamic child network is compared with the one before at every re-selection;
+  # kept beside the checkpoints, so that a resumed run has the whole history.
+  history_path = os.path.join(out_dir, "history.json")
+  history: dict[str, Any] = {"selection": {}, "networks": []}
+  if resume and os.path.exists(history_path):
+    with open(history_path) as f:
+      history = json.load(f)
   ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"))
   step = 0
   losses: list = []  # per step; saved with each checkpoint, so that a resumed run has them all
@@ -379,6 +452,12 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       if saved_losses is not None:
         losses = [float(x) for x in saved_losses[:step]]
       logger.info("resuming %s at step %d of %d", out_dir, step, total_steps)
+  # What the killed run recorded after its last checkpoint is recomputed, bitwise alike.
+  history["networks"] = [n for n in history["networks"] if n["step"] < step]
+  network = None
+  if cfg.mode == "dynamic":  # the network in force, to compare the next selection with
+    network = {"every": every, "full_stage": full_stage,
+               "previous": jax.tree_util.tree_map(jnp.copy, _dynamic_state(opt_state).keep)}
   t = time.perf_counter()
   with tqdm(total=total_steps, initial=step, desc=f"train seed {cfg.seed}", unit="step",
             disable=None) as bar:
@@ -394,28 +473,40 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       step += 1
       losses.append(loss)
       bar.update(1)
+      if network and (step - 1 - network["full_stage"]) % network["every"] == 0 \
+          and step - 1 >= network["full_stage"]:
+        history["networks"].append(_network_change(network, opt_state, step - 1))
+        files.write_json(history_path, history)
+      if SELECTION in eval_enc and step % steps_per_epoch == 0 and step < total_steps:
+        history["selection"][str(step // steps_per_epoch)] = evaluate(params, SELECTION)
+        files.write_json(history_path, history)
       if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
         ckpt.save(step, params, opt_state, all_losses())
   jax.block_until_ready(params)
   timings["train_s"] = time.perf_counter() - t
+  step_losses = [float(x) for x in losses]
   results["train_loss_last_epoch"] = (
-      float(np.mean([float(x) for x in losses[-steps_per_epoch:]])) if losses else None)
+      float(np.mean(step_losses[-steps_per_epoch:])) if losses else None)
+  results["train_loss_per_epoch"] = [
+      float(np.mean(step_losses[e * steps_per_epoch:(e + 1) * steps_per_epoch]))
+      for e in range(cfg.epochs)] if len(losses) == total_steps else None
+  results["train_losses"] = step_losses
 
-  eval_logits = jax.jit(logits_fn)
   t = time.perf_counter()
-  results["metrics"] = {}
-  for name, enc in eval_enc.items():
-    outs = []
-    for batch in tqdm(data.batches(enc, cfg.eval_batch_size, cfg.max_seq_length, pad_id,
-                                   pad_rows=True, bucket=cfg.pad_multiple),
-                      total=math.ceil(len(enc) / cfg.eval_batch_size), desc=f"eval {name}",
-                      disable=None, leave=False):
-      outs.append(np.asarray(eval_logits(params, batch), np.float32))
-    logits = np.concatenate(outs)[:len(enc)]
-    preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
-    results["metrics"][name] = glue_metrics(task.metrics, preds, enc.labels)
+  results["metrics"] = {name: evaluate(params, name) for name in eval_enc}
   timings["eval_s"] = time.perf_counter() - t
-  results["score"] = float(np.mean([m[task.metrics[0]] for m in results["metrics"].values()]))
+  main = task.metrics[0]
+  tests = [m[main] for name, m in results["metrics"].items() if name != SELECTION]
+  # ``score``: the main metric on the evaluation (dev/test) splits; ``selection_score``: on
+  # the selection split, the only one a hyperparameter search may look at.
+  results["score"] = float(np.mean(tests)) if tests else None
+  if SELECTION in results["metrics"]:
+    results["selection_score"] = results["metrics"][SELECTION][main]
+    history["selection"][str(cfg.epochs)] = results["metrics"][SELECTION]
+    results["selection_by_epoch"] = [history["selection"].get(str(e), {}).get(main)
+                                     for e in range(1, cfg.epochs + 1)]
+  if network:
+    results["child_network"]["selections"] = history["networks"]
   results["timings"] = timings
   results["steps"] = total_steps
   results["versions"] = versions()
@@ -430,4 +521,6 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   files.write_json(os.path.join(out_dir, "results.json"), results)
   ckpt.close()
   shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+  if os.path.exists(history_path):
+    os.remove(history_path)
   return results

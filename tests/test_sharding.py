@@ -57,6 +57,23 @@ SCRIPT = textwrap.dedent("""
         for name in params:
             assert p8[name].sharding.is_equivalent_to(shardings[name], p8[name].ndim)
             np.testing.assert_allclose(np.asarray(p8[name]), np.asarray(p1[name]), rtol=1e-6)
+    # dynamic: the re-selected networks are the same on 1 and 8 devices, sharded like the params
+    from childtune_jax import child_tuning_dynamic, current_keep
+    def dyn(p):
+        tx = child_tuning_dynamic(0.3, every=2, decay=0.5)
+        state = tx.init(p)
+        update = jax.jit(tx.update)
+        for i in range(5):
+            out, state = update(jax.tree_util.tree_map(lambda x: jnp.sin(x * (i + 1)), p), state)
+        return out, state
+    (out8, s8), (out1, s1) = dyn(sharded), dyn(local)
+    for name in params:
+        assert out8[name].sharding.is_equivalent_to(shardings[name], out8[name].ndim), name
+        assert s8.score[name].sharding.is_equivalent_to(shardings[name], out8[name].ndim), name
+        np.testing.assert_array_equal(np.asarray(out8[name]), np.asarray(out1[name]))
+    k8, k1 = current_keep(s8, params), current_keep(s1, params)
+    for name in params:
+        np.testing.assert_array_equal(np.asarray(k8[name]), np.asarray(k1[name]))
     print("SHARDING OK")
 """)
 
