@@ -46,8 +46,9 @@ def _checked(convert: type, ok: Any, requirement: str) -> Any:
 
 _reserve_p = _checked(float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
 _positive_int = _checked(int, lambda v: v >= 1, "must be at least 1")
-_seed = _checked(int, lambda v: v >= 0, "seeds are non-negative")
-_positive_float = _checked(float, lambda v: v > 0, "must be positive")
+_seed = _checked(int, lambda v: 0 <= v < 2**32, "seeds are integers in [0, 2**32)")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "must be positive and finite")
+_non_negative = _checked(float, lambda v: 0 <= v < float("inf"), "must be finite and >= 0")
 _fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
@@ -89,7 +90,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-size", type=_positive_int, default=16)
   p.add_argument("--epochs", type=_positive_int, default=3)
   p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
-  p.add_argument("--weight-decay", type=float, default=0.01)
+  p.add_argument("--weight-decay", type=_non_negative, default=0.01)
   p.add_argument("--max-seq-length", type=_positive_int, default=128)
   p.add_argument("--pad-multiple", type=_positive_int, default=16,
                  help="batches are padded to their longest sequence rounded up to this "
@@ -125,8 +126,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   again.add_argument("--overwrite", action="store_true", help="replace a finished run")
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with errors in one line (no usage block): ``childtune train: error: ...``."""
+
+  def error(self, message: str) -> None:
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="childtune",
       description="Fine-tune Flax Hugging Face models with Child-Tuning (Xu et al., EMNLP 2021).")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -166,14 +174,46 @@ def _load_data(args: argparse.Namespace, task: data.Task):
   return data.load_hf_glue(task)
 
 
-def _check_model(name: str) -> None:
-  """Fails early, before anything is written, on a model that cannot be found."""
+def _check_model(name: str, max_seq_length: int) -> None:
+  """Fails early, before anything is written, on a model that cannot be found or used."""
   from childtune_jax.train import ModelError, looks_like_path, resolve_model_path
 
   path = resolve_model_path(name)
+  if os.path.isfile(path):
+    raise ModelError(f"--model {path} is a file; pass the model's folder")
   if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, "config.json")):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
       raise ModelError(f"model folder {path} has no config.json")
+    try:
+      with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ModelError(f"cannot read {config_path}: {e}") from None
+    if not isinstance(config, dict):
+      raise ModelError(f"{config_path} is not a JSON object")
+    from transformers.models.auto.modeling_flax_auto import (
+        FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as SUPPORTED,
+    )
+
+    kind = config.get("model_type")
+    if kind not in SUPPORTED:
+      raise ModelError(f"{config_path}: model_type {kind!r} has no Flax sequence classifier "
+                       f"(supported: {', '.join(sorted(SUPPORTED))})")
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int):
+      if kind in ("roberta", "xlm-roberta", "camembert"):  # position ids start after padding
+        positions -= config.get("pad_token_id", 1) + 1
+      if max_seq_length > positions:
+        raise ModelError(f"--max-seq-length {max_seq_length} exceeds the {positions} positions "
+                         f"of the model in {path}")
+    from transformers import AutoTokenizer
+
+    try:
+      AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ModelError(f"cannot load the tokenizer in {path}: {first}") from None
     return
   if looks_like_path(path):
     raise ModelError(f"model path {path} does not exist")
@@ -214,8 +254,10 @@ def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
       per_metric.setdefault("selection_score", []).append(res["selection_score"])
   out = {"seeds": sorted(all_results), "task": task.name, "metrics": {}}
   for key, values in per_metric.items():
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    out["metrics"][key] = {"mean": float(np.mean(values)), "std": std, "values": values}
+    defined = [v for v in values if v is not None]  # an undefined metric is null
+    std = float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
+    mean = float(np.mean(defined)) if defined else None
+    out["metrics"][key] = {"mean": mean, "std": std if defined else None, "values": values}
   return out
 
 
@@ -249,8 +291,13 @@ def _other_seeds(out: str, results: dict[int, dict], cfg: Any) -> dict[int, dict
     seed = int(name[5:])
     if seed in results:
       continue
-    with open(path) as f:
-      res = json.load(f)
+    try:
+      with open(path) as f:
+        res = json.load(f)
+      res["config"], res["metrics"]  # noqa: B018 - what a summary reads
+    except (OSError, ValueError, KeyError, TypeError):
+      logger.warning("%s is not a readable results.json: left out of the summary", path)
+      continue
     if _experiment(res.get("config", {})) != this:
       logger.warning("%s was run with another config: left out of the summary", name)
       continue
@@ -291,10 +338,92 @@ def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
       fisher=args.fisher, fisher_microbatch=args.fisher_microbatch,
       freeze_non_child=args.freeze_non_child, sampler=args.sampler,
       save_every=args.save_every,
-      save_model=not args.no_save_model, init_seed=args.init_seed,
+      save_model=not args.no_save_model, init_seed=args.init_seed, random_like=args.random_like,
       selection_samples=args.selection_samples, eval_dev=not args.selection_only,
       child_mask=args.child_mask, every=args.every, full_stage=args.full_stage,
       score_decay=args.score_decay)
+
+
+STAGING = ".childtune-overwrite"  # where --overwrite runs until it replaces the old run
+_OWN_FILES = ("results.json", "run.json", "checkpoints", "child_mask.npz", "model", "history.json")
+
+
+def _is_seed_dir(out: str, name: str) -> bool:
+  """``seed-<n>`` folders that childtune wrote (a user's ``seed-42-backup/`` is not one)."""
+  path = os.path.join(out, name)
+  return (name.startswith("seed-") and name[5:].isdigit() and os.path.isdir(path)
+          and any(os.path.exists(os.path.join(path, f)) for f in _OWN_FILES))
+
+
+def _own_entries(out: str) -> list[str]:
+  """What childtune wrote in ``out``: its seed folders and the summary."""
+  return [n for n in sorted(os.listdir(out))
+          if _is_seed_dir(out, n) or n == "summary.json" and os.path.isfile(os.path.join(out, n))]
+
+
+def _replace_run(out: str, staged: str) -> None:
+  """Moves the finished run in ``staged`` into ``out`` in place of the old one."""
+  trash = os.path.join(out, STAGING + "-old")
+  shutil.rmtree(trash, ignore_errors=True)
+  os.makedirs(trash)
+  for name in _own_entries(out):
+    os.replace(os.path.join(out, name), os.path.join(trash, name))
+  for name in os.listdir(staged):
+    os.replace(os.path.join(staged, name), os.path.join(out, name))
+  shutil.rmtree(staged)
+  shutil.rmtree(trash)
+
+
+def _writable(out: str) -> None:
+  """Fails early on an output folder that cannot be created or written."""
+  parent = out
+  while not os.path.exists(parent):
+    parent = os.path.dirname(os.path.abspath(parent))
+  if not os.path.isdir(parent):
+    raise UsageError(f"--output-dir {out}: {parent} is a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError(f"--output-dir {out}: {parent} is not writable")
+
+
+def _check_same_run(seed_dir: str, cfg: Any) -> None:
+  """Refuses to resume (or reuse) a seed folder that another configuration wrote."""
+  for name in ("results.json", "run.json"):
+    path = os.path.join(seed_dir, name)
+    if not os.path.exists(path):
+      continue
+    try:
+      with open(path) as f:
+        saved = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise UsageError(f"cannot read {path} ({type(e).__name__}): delete {seed_dir} to run "
+                       "that seed again") from None
+    want, got = _experiment(dataclasses.asdict(cfg)), _experiment(saved)
+    differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if differ:
+      fields = ", ".join(f"{k}={got.get(k)!r} (now {want.get(k)!r})" for k in differ)
+      raise UsageError(f"{seed_dir} was run with another configuration: {fields}; use another "
+                       "--output-dir, or --overwrite to replace it")
+    return
+
+
+def _check_mask_file(option: str, path: str, model: str, task: data.Task) -> None:
+  """A mask file must hold a bool array of the right shape for every parameter."""
+  import jax
+  from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
+
+  from childtune_jax.train import resolve_model_path
+
+  masks = _load_mask_file(path)
+  config = AutoConfig.from_pretrained(resolve_model_path(model), num_labels=task.num_labels)
+  shapes = FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
+  for leaf, like in zip(_tree.leaf_paths(shapes.params_shape_tree),
+                        jax.tree_util.tree_leaves(shapes.params_shape_tree)):
+    if leaf not in masks:
+      raise UsageError(f"{option} {path} has no mask for parameter {leaf!r}")
+    got = masks[leaf]
+    if got.dtype != np.bool_ or got.shape != tuple(like.shape):
+      raise UsageError(f"{option} {path}: the mask of {leaf!r} is {got.dtype}{list(got.shape)}, "
+                       f"expected bool{list(like.shape)}")
 
 
 def train_command(args: argparse.Namespace) -> dict:
@@ -320,32 +449,62 @@ def train_command(args: argparse.Namespace) -> dict:
     raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
   if os.path.exists(out) and not os.path.isdir(out):
     raise UsageError(f"--output-dir {out} is a file")
+  _writable(out)
   cache = getattr(args, "compilation_cache", None)
-  if cache and os.path.exists(cache) and not os.path.isdir(cache):
-    raise UsageError(f"--compilation-cache {cache} is a file")
+  if cache:
+    try:
+      _writable(cache)
+    except UsageError as e:
+      raise UsageError(str(e).replace("--output-dir", "--compilation-cache")) from None
+  if args.mode == "F" and args.sampler != "bernoulli":
+    levels = 2**16 if args.sampler == "uint16" else 2**8
+    if round(args.reserve_p * levels) < 1:
+      raise UsageError(f"--reserve-p {args.reserve_p} rounds to 0 with --sampler "
+                       f"{args.sampler} (at least {1 / levels:g}); use --sampler bernoulli")
   train_set, evals = _load_data(args, task)
   if args.selection_samples:  # its size does not depend on the seed: check it once, early
     data.split_selection(train_set, args.max_train_samples, args.selection_samples, 0)
-  _check_model(args.model)
-  if args.overwrite and os.path.isdir(out):
-    for name in os.listdir(out):
-      if name.startswith("seed-") or name == "summary.json":
-        path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-  os.makedirs(out, exist_ok=True)
+  for split in evals.values():
+    if task.is_regression and len(split) < 2:
+      raise UsageError(f"{split.source}: {task.name} needs at least 2 evaluation examples for "
+                       f"its correlations, got {len(split)}")
+  _check_model(args.model, args.max_seq_length)
+  for option, path in (("--random-like", args.random_like), ("--child-mask", args.child_mask)):
+    if path:
+      _check_mask_file(option, path, args.model, task)
+  for seed in args.seeds:  # before anything runs: a mismatch touches nothing
+    if args.resume:
+      _check_same_run(os.path.join(out, f"seed-{seed}"), _train_config(args, task, seed))
+    elif not args.overwrite and os.path.isdir(out) and _is_seed_dir(out, f"seed-{seed}"):
+      raise UsageError(f"{out} holds an unfinished run of seed {seed}: pass --resume to continue "
+                       "it or --overwrite to replace it")
+  # --overwrite runs beside the old run and replaces it only once every seed has finished:
+  # a failure or an interrupt on the way leaves the old run as it was.
+  staging = args.overwrite and os.path.isdir(out) and bool(_own_entries(out))
+  run_root = os.path.join(out, STAGING) if staging else out
+  if staging:
+    shutil.rmtree(run_root, ignore_errors=True)  # left by an interrupted --overwrite
+  os.makedirs(run_root, exist_ok=True)
   results = {}
-  with _compilation_cache(cache):
-    for seed in args.seeds:
-      seed_dir = os.path.join(out, f"seed-{seed}")
-      done = os.path.join(seed_dir, "results.json")
-      if args.resume and os.path.exists(done):
-        with open(done) as f:
-          results[seed] = json.load(f)
-        logger.info("seed %d already finished", seed)
-        continue
-      results[seed] = train.run(_train_config(args, task, seed), train_set, evals, seed_dir,
-                                resume=args.resume, keep_like_d=args.random_like)
-      logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
+  try:
+    with _compilation_cache(cache):
+      for seed in args.seeds:
+        seed_dir = os.path.join(run_root, f"seed-{seed}")
+        done = os.path.join(seed_dir, "results.json")
+        if args.resume and os.path.exists(done):
+          with open(done) as f:
+            results[seed] = json.load(f)
+          logger.info("seed %d already finished", seed)
+          continue
+        results[seed] = train.run(_train_config(args, task, seed), train_set, evals, seed_dir,
+                                  resume=args.resume, keep_like_d=args.random_like)
+        logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
+  except BaseException:  # the old run stays exactly as it was
+    if staging:
+      shutil.rmtree(run_root, ignore_errors=True)
+    raise
+  if staging:
+    _replace_run(out, run_root)
   results.update(_other_seeds(out, results, _train_config(args, task, args.seeds[0])))
   summary = summarize(results, task)
   summary["mode"] = args.mode
@@ -363,7 +522,8 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     cells = [name]
     for k in keys:
       m = summary["metrics"][k]
-      cells.append(f"{100 * m['mean']:.2f} ± {100 * m['std']:.2f}")
+      cells.append("undefined" if m["mean"] is None
+                   else f"{100 * m['mean']:.2f} ± {100 * m['std']:.2f}")
     cells.append(str(len(summary["seeds"])))
     lines.append(cells)
   widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
@@ -402,11 +562,22 @@ def demo_command(args: argparse.Namespace) -> list:
 
 
 def _load_mask_file(path: str) -> dict[str, Any]:
+  """The arrays of a mask ``.npz`` (as written by ``train``), or a one-line error."""
+  if not os.path.isfile(path):
+    raise UsageError(f"mask file {path} does not exist")
   try:
-    with np.load(path) as f:
-      return dict(f)
-  except (OSError, ValueError) as e:
-    raise UsageError(f"cannot read mask {path}: {e}") from None
+    with np.load(path, allow_pickle=False) as f:
+      if not isinstance(f, np.lib.npyio.NpzFile):
+        raise UsageError(f"{path} is not a mask .npz written by childtune train")
+      arrays = dict(f)
+  except UsageError:
+    raise
+  except Exception as e:  # noqa: BLE001 - a corrupt file fails in many ways
+    raise UsageError(f"cannot read mask {path}: {type(e).__name__}: {e}") from None
+  for name, array in arrays.items():
+    if array.dtype != np.bool_:
+      raise UsageError(f"{path}: the mask of {name!r} is {array.dtype}, not bool")
+  return arrays
 
 
 def overlap_matrices(masks: list[dict], where: Any) -> dict:
@@ -505,7 +676,7 @@ def overlap_command(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``childtune``; returns the exit status (2 for bad input)."""
-  from childtune_jax.train import CheckpointError, ModelError
+  from childtune_jax.train import CheckpointError, ModelError, TrainingFailed
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")
@@ -519,6 +690,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (UsageError, data.DataError, ModelError, CheckpointError) as e:
     print(f"childtune: error: {e}", file=sys.stderr)
     return 2
+  except TrainingFailed as e:
+    print(f"childtune: error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:  # a full disk, a folder made read-only on the way, ...
+    where = f" ({e.filename})" if e.filename else ""
+    print(f"childtune: error: {e.strerror or e}{where}; finished runs are untouched",
+          file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("childtune: error: interrupted; finished runs are untouched (--resume continues)",
+          file=sys.stderr)
+    return 130
   return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -14,6 +15,10 @@ import numpy as np
 
 class DataError(ValueError):
   """Bad or missing data, reported to the user in one line."""
+
+
+_MAX_SCORE = 1e6  # a regression label beyond this overflows the float32 squared loss
+csv.field_size_limit(1 << 30)  # a long text is data, not an error (the default is 128 KiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +112,13 @@ class Examples:
 def _parse_label(task: Task, value: Any, where: str) -> float | int:
   if task.is_regression:
     try:
-      return float(value)
+      number = float(value)
     except (TypeError, ValueError):
       raise DataError(f"{where}: label {value!r} is not a number (task {task.name})") from None
+    if not math.isfinite(number) or abs(number) > _MAX_SCORE:
+      raise DataError(f"{where}: label {value!r} is not a finite number of at most "
+                      f"{_MAX_SCORE:g} in magnitude (task {task.name})")
+    return number
   text = str(value).strip()
   if text not in task.labels:
     raise DataError(
@@ -127,6 +136,8 @@ def _finish(task: Task, texts: list[list[str]], labels: list, source: str) -> Ex
 
 def read_glue_tsv(task: Task, path: str) -> Examples:
   """Reads one file of the GLUE TSV layout (headers, BOM and CoLA's header-less rows)."""
+  if os.path.isdir(path):
+    raise DataError(f"{path} is a folder, not a file")
   try:
     with open(path, encoding="utf-8-sig", newline="") as f:
       rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -134,6 +145,8 @@ def read_glue_tsv(task: Task, path: str) -> Examples:
     raise DataError(f"cannot read {path}: {e.strerror or e}") from None
   except UnicodeDecodeError:
     raise DataError(f"cannot read {path}: not UTF-8 text") from None
+  except csv.Error as e:
+    raise DataError(f"cannot read {path}: {e}") from None
   rows = [r for r in rows if r]
   if task.header:
     if not rows:
@@ -163,6 +176,8 @@ def read_user_file(
 ) -> Examples:
   """Reads a CSV, TSV, JSON (a list of objects) or JSON Lines file of the user's."""
   ext = os.path.splitext(path)[1].lower()
+  if os.path.isdir(path):
+    raise DataError(f"{path} is a folder, not a file")
   try:
     with open(path, encoding="utf-8-sig", newline="") as f:
       if ext in (".json", ".jsonl"):
@@ -178,8 +193,16 @@ def read_user_file(
         raise DataError(f"{path}: unknown file type {ext!r} (use .csv, .tsv, .json or .jsonl)")
   except OSError as e:
     raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-  if not records:
-    raise DataError(f"{path}: no examples")
+  except UnicodeDecodeError:
+    raise DataError(f"cannot read {path}: not UTF-8 text") from None
+  except csv.Error as e:
+    raise DataError(f"cannot read {path}: {e}") from None
+  if not isinstance(records, list) or not records:
+    raise DataError(f"{path}: no examples (expected a list of records)")
+  for i, rec in enumerate(records, start=1):
+    if not isinstance(rec, dict):
+      raise DataError(f"{path}: record {i} is a {type(rec).__name__}, not an object with "
+                      "named fields")
   missing = [c for c in (*text_columns, label_column) if c not in records[0]]
   if missing:
     raise DataError(f"{path}: missing column(s) {missing}; it has {sorted(records[0])}")
@@ -188,7 +211,11 @@ def read_user_file(
   for i, rec in enumerate(records, start=1):
     labels.append(_parse_label(task, rec.get(label_column), f"{path}: record {i}"))
     for col, name in zip(texts, text_columns):
-      col.append(str(rec.get(name, "")))
+      text = rec.get(name)
+      if not isinstance(text, str):
+        what = "no value" if text is None else f"a {type(text).__name__}, not text"
+        raise DataError(f"{path}: record {i} has {what} in column {name!r}")
+      col.append(text)
   return _finish(task, texts, labels, path)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -38,10 +39,24 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
+def finite(obj: Any) -> Any:
+  """``obj`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN)."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite(v) for v in obj]
+  return obj
+
+
 def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+  """Writes ``obj`` as indented, key-sorted, strict JSON to ``path`` atomically.
+
+  NaN and infinities become ``null`` (JSON has neither; Python would write invalid tokens).
+  """
   with replacing(path) as tmp, open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(finite(obj), f, indent=2, sort_keys=True, allow_nan=False)
     f.write("\n")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -36,6 +37,15 @@ class ModelError(ValueError):
   """A model that cannot be found or loaded, reported to the user in one line."""
 
 
+class TrainingFailed(RuntimeError):
+  """A run that cannot finish (e.g. a non-finite loss): exit status 1, last good checkpoint kept."""
+
+
+RUN_FILE = "run.json"  # a seed folder's configuration, written before training starts
+FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")  # single or sharded
+PT_WEIGHTS = ("model.safetensors",)  # converted without torch
+
+
 @dataclasses.dataclass
 class TrainConfig:
   """One fine-tuning run; the defaults follow the reference code's run script."""
@@ -62,6 +72,7 @@ class TrainConfig:
   save_model: bool = True
   init_seed: int | None = None  # the new head's initialisation; None: ``seed``
   eval_batch_size: int = 64
+  random_like: str | None = None  # mode random: the D mask whose size to match
   selection_samples: int | None = None  # a selection split carved from the training file
   eval_dev: bool = True  # False: score the selection split only (tuning runs)
   child_mask: str | None = None  # mode D: this saved mask instead of a Fisher pass
@@ -101,19 +112,30 @@ def load_model(name: str, num_labels: int, seed: int) -> tuple[Any, Any]:
   path = resolve_model_path(name)
   kwargs = {"num_labels": num_labels, "seed": seed}
   if os.path.isdir(path):
-    files = set(os.listdir(path))
+    weights = weight_files(path)
     try:
       tokenizer = AutoTokenizer.from_pretrained(path)
-      if "flax_model.msgpack" in files:
+      if weights & set(FLAX_WEIGHTS):
         model = FlaxAutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-      elif files & {"model.safetensors", "pytorch_model.bin"}:
+      elif weights & set(PT_WEIGHTS) or ("pytorch_model.bin" in weights
+                                          and importlib.util.find_spec("torch")):
         model = FlaxAutoModelForSequenceClassification.from_pretrained(path, from_pt=True, **kwargs)
+      elif "model.safetensors.index.json" in weights:
+        raise ModelError(f"{path} holds sharded safetensors weights, which need torch to "
+                         "convert; merge the shards into one model.safetensors")
+      elif weights:
+        raise ModelError(f"cannot load the weights in {path}: found {sorted(weights)}; "
+                         "childtune reads Flax (.msgpack) or safetensors weights "
+                         "(PyTorch .bin with torch installed)")
       else:
         config = AutoConfig.from_pretrained(path, num_labels=num_labels)
         logger.warning("%s has no weights: initialising the model at random", path)
         model = FlaxAutoModelForSequenceClassification.from_config(config, seed=seed)
-    except (OSError, ValueError, KeyError) as e:
-      raise ModelError(f"cannot load the model in {path}: {e}") from None
+    except ModelError:
+      raise
+    except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways; all mean the same
+      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise ModelError(f"cannot load the model in {path}: {type(e).__name__}: {first}") from None
     return model, tokenizer
   if looks_like_path(path):
     raise ModelError(f"model path {path} does not exist")
@@ -126,6 +148,21 @@ def load_model(name: str, num_labels: int, seed: int) -> tuple[Any, Any]:
         "pass a local folder with --model DIR"
     ) from None
   return model, tokenizer
+
+
+def weight_files(path: str) -> set[str]:
+  """The files in a model folder that hold weights (any framework, sharded or not)."""
+  found = set()
+  for name in os.listdir(path):
+    if name.endswith((".msgpack", ".safetensors", ".bin", ".h5", ".ckpt.index",
+                      ".msgpack.index.json", ".safetensors.index.json", ".bin.index.json")):
+      found.add(name)
+  return found
+
+
+def _all_finite(tree: Any) -> bool:
+  return bool(jax.jit(lambda t: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(t)])))(tree))
 
 
 def linear_warmup_decay(learning_rate: float, total: int, warmup_ratio: float) -> optax.Schedule:
@@ -281,6 +318,18 @@ def versions() -> dict[str, str]:
   return out
 
 
+def _check_finite(losses: list, params: Any, step: int, ckpt: Checkpoints) -> None:
+  """Stops a run whose loss or parameters are no longer finite (before any checkpoint of them)."""
+  values = np.array([float(x) for x in losses])
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size or not _all_finite(params):
+    where = f"at step {bad[0] + 1}" if bad.size else f"in the parameters by step {step}"
+    last = ckpt.manager.latest_step()
+    kept = f"; the last good checkpoint (step {last}) is kept" if last else ""
+    raise TrainingFailed(f"training diverged: a non-finite loss {where} (learning rate too "
+                         f"high?){kept}")
+
+
 def _dynamic_state(opt_state: Any) -> ChildTuningDynamicState:
   """The :class:`ChildTuningDynamicState` inside an optimizer state."""
   found = [x for x in jax.tree_util.tree_leaves(
@@ -314,6 +363,8 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   """
   task = data.TASKS[cfg.task]
   os.makedirs(out_dir, exist_ok=True)
+  if not os.listdir(out_dir):  # a fresh run: record what a --resume of it must match
+    files.write_json(os.path.join(out_dir, RUN_FILE), {"config": dataclasses.asdict(cfg)})
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
@@ -477,10 +528,13 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
           and step - 1 >= network["full_stage"]:
         history["networks"].append(_network_change(network, opt_state, step - 1))
         files.write_json(history_path, history)
+      saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < total_steps)
+      if step % steps_per_epoch == 0 or saving or step == total_steps:
+        _check_finite(losses, params, step, ckpt)
       if SELECTION in eval_enc and step % steps_per_epoch == 0 and step < total_steps:
         history["selection"][str(step // steps_per_epoch)] = evaluate(params, SELECTION)
         files.write_json(history_path, history)
-      if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+      if saving:
         ckpt.save(step, params, opt_state, all_losses())
   jax.block_until_ready(params)
   timings["train_s"] = time.perf_counter() - t
@@ -499,7 +553,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   tests = [m[main] for name, m in results["metrics"].items() if name != SELECTION]
   # ``score``: the main metric on the evaluation (dev/test) splits; ``selection_score``: on
   # the selection split, the only one a hyperparameter search may look at.
-  results["score"] = float(np.mean(tests)) if tests else None
+  results["score"] = float(np.mean(tests)) if tests and None not in tests else None
   if SELECTION in results["metrics"]:
     results["selection_score"] = results["metrics"][SELECTION][main]
     history["selection"][str(cfg.epochs)] = results["metrics"][SELECTION]

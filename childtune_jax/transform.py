@@ -118,7 +118,7 @@ def _packed_keep(
   """
   per_word = 32 // width
   levels = 2**width
-  threshold = jnp.clip(jnp.round(jnp.asarray(reserve_p, jnp.float32) * levels), 1, levels)
+  threshold = jnp.clip(jnp.round(jnp.asarray(reserve_p, jnp.float32) * levels), 0, levels)
   threshold = threshold.astype(jnp.uint32)
   full = shape if shape else (1,)
   last = full[-1]
@@ -135,7 +135,8 @@ def keep_mask_f(
 ) -> tuple[jax.Array, jax.Array]:
   """One Child-Tuning_F keep-mask and the keep probability it realises."""
   if sampler == "bernoulli":
-    return jax.random.bernoulli(key, reserve_p, shape), jnp.asarray(reserve_p, jnp.float32)
+    p = jnp.clip(jnp.asarray(reserve_p, jnp.float32), 0.0, 1.0)
+    return jax.random.bernoulli(key, p, shape), p
   if sampler == "uint16":
     return _packed_keep(key, reserve_p, shape, 16)
   if sampler == "uint8":
@@ -172,7 +173,10 @@ def child_tuning_f(
 
   Args:
     reserve_p: the keep probability :math:`p \in (0, 1]` (the size of the child
-      network); ``1`` is the identity.
+      network); ``1`` is the identity. A concrete value outside (0, 1] raises. A traced
+      one (``inject_hyperparams``, a schedule) is clipped to [0, 1]: 0 or below keeps
+      nothing (zero updates, never a division by zero), above 1 keeps everything, and
+      NaN makes every masked update NaN, so that ``optax.apply_if_finite`` skips it.
     key: an int seed or a ``jax.random.key``; its PRNG implementation is used for the
       masks (e.g. ``jax.random.key(0, impl="rbg")`` for a faster generator).
     rescale: divide the kept entries by :math:`p` (the reference code does).
@@ -228,6 +232,7 @@ def child_tuning_f(
     del params
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     selected = _tree.resolve_where(where, updates)
+    traced_p = isinstance(reserve_p, jax.core.Tracer)
     step_key = jax.random.fold_in(state.key, state.count)
     leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
     out = []
@@ -236,8 +241,11 @@ def child_tuning_f(
         out.append(u)
         continue
       keep, p = keep_mask_f(leaf_key, reserve_p, u.shape, sampler)
-      kept = (u / p).astype(u.dtype) if rescale else u
-      out.append(jnp.where(keep, kept, jnp.zeros_like(u)))
+      kept = (u / jnp.where(p > 0, p, 1.0)).astype(u.dtype) if rescale else u
+      masked = jnp.where(keep, kept, jnp.zeros_like(u))
+      if traced_p:  # a NaN reserve_p poisons the update, for optax.apply_if_finite to see
+        masked = jnp.where(jnp.isnan(jnp.asarray(reserve_p, jnp.float32)), jnp.nan, masked)
+      out.append(masked)
     new_state = ChildTuningFState(count=optax.safe_int32_increment(state.count), key=state.key)
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 

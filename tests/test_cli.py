@@ -131,7 +131,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(data, "make_batch", real)
   assert os.path.isdir(os.path.join(part, "seed-42", "checkpoints", "6"))
   other = ["train", "--task", "mrpc", "--mode", "vanilla", *FAST, "--epochs", "2"]
-  assert cli.main(other + ["--output-dir", part, "--resume"]) == 2  # another optimizer state
+  assert cli.main(other + ["--output-dir", part, "--resume"]) == 2  # another configuration
+  assert "was run with another configuration: mode='F' (now 'vanilla')" in capsys.readouterr().err
+  os.remove(os.path.join(part, "seed-42", "run.json"))  # a folder of an older version:
+  assert cli.main(other + ["--output-dir", part, "--resume"]) == 2  # the checkpoint refuses
   assert "does not fit this run's state" in capsys.readouterr().err
   assert cli.main(args + ["--output-dir", part, "--resume"]) == 0
   assert _results(part)["metrics"] == _results(full)["metrics"]
@@ -169,7 +172,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys):
   _bad(tmp_path, capsys, base + ["--train-file", str(tmp_path / "x.csv"),
                                  "--validation-file", str(tmp_path / "x.csv"),
                                  "--text-columns", "a", "--label-column", "b"], "cannot read")
-  _bad(tmp_path, capsys, ["overlap", str(tmp_path / "missing.npz")], "cannot read mask")
+  _bad(tmp_path, capsys, ["overlap", str(tmp_path / "missing.npz")], "does not exist")
   _bad(tmp_path, capsys, [*base, "--data-dir", GLUE, "--compilation-cache",
                           str(tmp_path / "SST-2" / "train.tsv")], "--compilation-cache")
 

@@ -13,9 +13,9 @@ GLUE = os.path.join(HERE, "fixtures", "glue")
 TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 
 
-def _load():
-  path = os.path.join(HERE, os.pardir, "examples", "tuned_study.py")
-  spec = importlib.util.spec_from_file_location("tuned_study", path)
+def _load(name="tuned_study"):
+  path = os.path.join(HERE, os.pardir, "examples", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -82,6 +82,14 @@ def test_tuned_study_selects_on_the_selection_split_and_tests_once(tmp_path, mon
   v = _read(os.path.join(root, "select", "vanilla", "lr0.0001-ep1", "seed-1", "results.json"))
   d = _read(os.path.join(root, "select", "D", "lr0.0001-ep1", "seed-1", "results.json"))
   assert v["data_sha256"] == d["data_sha256"]
+  # the report: chosen point, test score and the paired difference from the files
+  text = _load("analyze_tuned").main(["--out", out, "--no-plots"])
+  tests = {m: _read(os.path.join(root, "test", m, "seed-7", "results.json"))["metrics"]["dev"]
+           ["accuracy"] for m in ("vanilla", "D")}
+  row = next(line for line in text.splitlines() if line.startswith("| D |"))
+  assert f"| {choices['D']['learning_rate']:g}, 1 |" in row
+  assert f"| {100 * tests['D']:.2f} ± 0.00 | 1 | {100 * (tests['D'] - tests['vanilla']):+.2f} |" \
+      in row
   n = len(calls)
   assert n == 2 * 2 * 2 + 2  # 2 methods x 2 lrs x 2 seeds, 1 test seed each
   study.main(argv)  # resumable: nothing left to run

@@ -1,0 +1,404 @@
+"""Bad input never loses or mislabels a finished run: a one-line error and the right exit code.
+
+Exit codes: 0 done, 1 a run that failed (diverged, disk), 2 bad input or options, 130
+interrupted. A finished run stays byte-identical through every failure.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from childtune_jax import child_tuning_f, cli, data, train
+
+HERE = os.path.dirname(__file__)
+GLUE = os.path.join(HERE, "fixtures", "glue")
+TINY = os.path.join(HERE, "fixtures", "tiny-bert")
+BASE = ["train", "--task", "rte", "--model", TINY, "--data-dir", GLUE, "--epochs", "1",
+        "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
+        "--no-save-model"]
+
+
+def snapshot(folder):
+  """Every file under ``folder`` (hidden ones too) with the SHA-256 of its bytes."""
+  out = {}
+  for root, dirs, names in os.walk(folder):
+    dirs.sort()
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    for d in dirs:
+      out.setdefault(os.path.relpath(os.path.join(root, d), folder) + "/", "dir")
+  return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A finished vanilla RTE run and a finished D run (templates: tests copy them)."""
+  root = tmp_path_factory.mktemp("finished")
+  for mode in ("vanilla", "D"):
+    assert cli.main([*BASE, "--mode", mode, "--output-dir", str(root / mode)]) == 0
+  return root
+
+
+@pytest.fixture
+def fin(finished, tmp_path):
+  """A private copy of the finished vanilla run, with a user's files beside its seeds."""
+  out = tmp_path / "FIN"
+  shutil.copytree(finished / "vanilla", out)
+  (out / "seed-42-backup").mkdir()
+  (out / "seed-42-backup" / "notes.txt").write_text("mine")
+  (out / "seed-notes.txt").write_text("mine too")
+  return str(out)
+
+
+def _fails(capsys, argv, status, message):
+  got = cli.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert got == status, err
+  lines = err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("childtune: error:") and message in err, err
+  assert "Traceback" not in err
+
+
+def _model_copy(tmp_path, name="model"):
+  path = tmp_path / name
+  shutil.copytree(TINY, path)
+  return path
+
+
+def test_overwrite_that_fails_keeps_the_finished_run_byte_identical(fin, tmp_path, capsys):
+  before = snapshot(fin)
+  over = [*BASE, "--output-dir", fin, "--overwrite"]
+  broken = _model_copy(tmp_path, "not-json")
+  (broken / "config.json").write_text("{not json")
+  _fails(capsys, [*over, "--mode", "vanilla", "--model", str(broken)], 2, "config.json")
+  no_tok = _model_copy(tmp_path, "no-tokenizer")
+  os.remove(no_tok / "vocab.txt")
+  os.remove(no_tok / "tokenizer_config.json")
+  _fails(capsys, [*over, "--mode", "vanilla", "--model", str(no_tok)], 2, "tokenizer")
+  gpt2 = _model_copy(tmp_path, "gpt2")
+  (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  _fails(capsys, [*over, "--mode", "vanilla", "--model", str(gpt2)], 2, "'gpt2'")
+  listed = _model_copy(tmp_path, "list")
+  (listed / "config.json").write_text("[1, 2]")
+  _fails(capsys, [*over, "--mode", "vanilla", "--model", str(listed)], 2, "not a JSON object")
+  corrupt = _model_copy(tmp_path, "corrupt")
+  (corrupt / "flax_model.msgpack").write_bytes(b"\x00garbage" * 50)
+  _fails(capsys, [*over, "--mode", "vanilla", "--model", str(corrupt)], 2, "cannot load")
+  bin_only = _model_copy(tmp_path, "bin-only")
+  (bin_only / "tf_model.h5").write_bytes(b"weights")
+  _fails(capsys, [*over, "--mode", "vanilla", "--model", str(bin_only)], 2, "tf_model.h5")
+  _fails(capsys, [*over, "--mode", "F", "--reserve-p", "0.001"], 2, "rounds to 0")
+  garbage = tmp_path / "garbage.npz"
+  garbage.write_bytes(b"PK\x03\x04 not a zip")
+  _fails(capsys, [*over, "--mode", "random", "--random-like", str(garbage)], 2, "cannot read mask")
+  _fails(capsys, [*over, "--mode", "vanilla", "--max-seq-length", "129"], 2, "128 positions")
+  assert snapshot(fin) == before
+
+
+def test_overwrite_interrupted_or_diverged_keeps_the_finished_run(fin, capsys, monkeypatch):
+  before = snapshot(fin)
+  real = data.make_batch
+  calls = {"n": 0}
+
+  def interrupted(*a, **k):
+    calls["n"] += 1
+    if calls["n"] == 2:
+      raise KeyboardInterrupt
+    return real(*a, **k)
+
+  monkeypatch.setattr(data, "make_batch", interrupted)
+  _fails(capsys, [*BASE, "--mode", "vanilla", "--output-dir", fin, "--overwrite"], 130,
+         "interrupted")
+  monkeypatch.setattr(data, "make_batch", real)
+  _fails(capsys, [*BASE, "--mode", "vanilla", "--output-dir", fin, "--overwrite",
+                  "--learning-rate", "1e6"], 1, "diverged")
+  assert snapshot(fin) == before
+
+
+def test_overwrite_may_read_the_run_it_replaces_and_keeps_user_files(finished, fin, tmp_path):
+  model_run = tmp_path / "with-model"
+  assert cli.main([*BASE[:-1], "--mode", "vanilla", "--output-dir", str(model_run)]) == 0
+  own_model = str(model_run / "seed-42" / "model")
+  assert cli.main([*BASE, "--mode", "F", "--model", own_model, "--output-dir", str(model_run),
+                   "--overwrite"]) == 0
+  with open(model_run / "seed-42" / "results.json") as f:
+    assert json.load(f)["config"]["model"] == own_model
+  d_run = tmp_path / "D"
+  shutil.copytree(finished / "D", d_run)
+  mask = str(d_run / "seed-42" / "child_mask.npz")
+  assert cli.main([*BASE, "--mode", "random", "--random-like", mask, "--output-dir",
+                   str(d_run), "--overwrite"]) == 0
+  with open(d_run / "seed-42" / "results.json") as f:
+    assert json.load(f)["config"]["mode"] == "random"
+  assert not any(n.startswith(".childtune") for n in os.listdir(d_run))
+  assert cli.main([*BASE, "--mode", "F", "--output-dir", fin, "--overwrite"]) == 0
+  assert (tmp_path / "FIN" / "seed-42-backup" / "notes.txt").read_text() == "mine"
+  assert (tmp_path / "FIN" / "seed-notes.txt").read_text() == "mine too"
+
+
+def test_resume_refuses_another_configuration_naming_the_fields(fin, capsys):
+  before = snapshot(fin)
+  again = [*BASE, "--output-dir", fin, "--resume"]
+  _fails(capsys, [*again, "--mode", "F", "--reserve-p", "0.1"], 2,
+         "mode='vanilla' (now 'F'), reserve_p=0.3 (now 0.1)")
+  _fails(capsys, [*again, "--mode", "vanilla", "--weight-decay", "0.1"], 2, "weight_decay")
+  _fails(capsys, [*again, "--mode", "F", "--seeds", "42", "52"], 2, "mode='vanilla'")
+  _fails(capsys, [*again, "--mode", "vanilla", "--init-seed", "3"], 2, "init_seed")
+  assert snapshot(fin) == before
+  assert cli.main([*again, "--mode", "vanilla"]) == 0  # the same configuration resumes
+
+
+def test_killed_d_run_resumed_with_another_p_or_as_random_is_refused(tmp_path, capsys,
+                                                                     monkeypatch):
+  out = str(tmp_path / "killed")
+  real = data.make_batch
+  calls = {"n": 0}
+
+  def dying(*a, **k):
+    calls["n"] += 1
+    if calls["n"] > 6:  # after the Fisher pass (4 batches) and the first train steps
+      raise RuntimeError("killed")
+    return real(*a, **k)
+
+  monkeypatch.setattr(data, "make_batch", dying)
+  with pytest.raises(RuntimeError):
+    cli.main([*BASE, "--mode", "D", "--save-every", "1", "--output-dir", out])
+  monkeypatch.setattr(data, "make_batch", real)
+  shutil.rmtree(os.path.join(out, "seed-42", "checkpoints"))
+  before = snapshot(out)
+  _fails(capsys, [*BASE, "--mode", "D", "--reserve-p", "0.05", "--output-dir", out,
+                  "--resume"], 2, "reserve_p=0.3 (now 0.05)")
+  _fails(capsys, [*BASE, "--mode", "random", "--output-dir", out, "--resume"], 2,
+         "mode='D' (now 'random')")
+  _fails(capsys, [*BASE, "--mode", "D", "--output-dir", out], 2, "unfinished run of seed 42")
+  assert snapshot(out) == before
+
+
+def _write(path, text, encoding="utf-8"):
+  path.write_bytes(text.encode(encoding))
+  return str(path)
+
+
+def test_bad_data_is_refused_with_file_and_place(tmp_path, capsys):
+  stsb = tmp_path / "STS-B"
+  stsb.mkdir()
+  header = "\t".join(["index", "genre", "filename", "year", "old_index", "source1", "source2",
+                       "sentence1", "sentence2", "score"]) + "\n"
+  row = "0\tg\tf\ty\t0\ts\ts\ta cat sits\ta cat sat\t{}\n"
+  _write(stsb / "dev.tsv", header + row.format(1.0) + row.format(2.0))
+  base = ["train", "--task", "stsb", "--mode", "vanilla", "--model", TINY, "--data-dir",
+          str(tmp_path), "--max-seq-length", "32", "--output-dir", str(tmp_path / "out")]
+  for bad in ("nan", "inf", "-1e30"):
+    _write(stsb / "train.tsv", header + row.format(1.0) + row.format(bad))
+    _fails(capsys, base, 2, "train.tsv:3")
+  _write(stsb / "train.tsv", header + row.format(1.0) + row.format(2.0))
+  _write(stsb / "dev.tsv", header + row.format(1.0))
+  _fails(capsys, base, 2, "at least 2 evaluation examples")
+  own = ["train", "--task", "sst2", "--mode", "vanilla", "--model", TINY, "--text-columns",
+         "text", "--label-column", "label", "--output-dir", str(tmp_path / "own")]
+  good = _write(tmp_path / "good.csv", "text,label\nfine,1\nbad,0\n")
+  for name, content, message in (
+      ("short.csv", "text,label\nfine,1\n1\n", "record 2"),
+      ("ints.json", "[1, 2, 3]", "record 1 is a int"),
+      ("missing.json", '[{"text": "a", "label": 1}, {"label": 0}]', "record 2 has no value"),
+      ("object.json", '[{"text": {"a": 1}, "label": 1}]', "a dict, not text"),
+  ):
+    path = _write(tmp_path / name, content)
+    _fails(capsys, [*own, "--train-file", path, "--validation-file", good], 2, message)
+  latin = _write(tmp_path / "latin.csv", "text,label\ncaf\u00e9,1\n", encoding="latin-1")
+  _fails(capsys, [*own, "--train-file", latin, "--validation-file", good], 2, "not UTF-8")
+  long_line = _write(tmp_path / "long.csv", "text,label\n" + "w " * 100_000 + ",1\n")
+  assert cli.main([*own, "--train-file", long_line, "--validation-file", good,
+                   "--max-seq-length", "16", "--epochs", "1"]) == 0
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_undefined_metric_is_null_and_json_stays_strict(tmp_path, caplog):
+  stsb = tmp_path / "STS-B"
+  shutil.copytree(os.path.join(GLUE, "STS-B"), stsb)
+  lines = (stsb / "dev.tsv").read_text().splitlines()
+  header = lines[0].split("\t")
+  score = header.index("score")
+  rows = [line.split("\t") for line in lines[1:]]
+  for r in rows:
+    r[score] = "2.5"  # a constant column: correlations are undefined
+  (stsb / "dev.tsv").write_text("\n".join(["\t".join(header)] + ["\t".join(r) for r in rows]))
+  out = tmp_path / "out"
+  assert cli.main(["train", "--task", "stsb", "--mode", "vanilla", "--model", TINY,
+                   "--data-dir", str(tmp_path), "--epochs", "1", "--max-seq-length", "32",
+                   "--no-save-model", "--output-dir", str(out)]) == 0
+
+  def strict(path):
+    with open(path) as f:
+      return json.load(f, parse_constant=lambda c: pytest.fail(f"{c} in {path}"))
+
+  res = strict(out / "seed-42" / "results.json")
+  assert res["metrics"]["dev"] == {"pearson": None, "spearman": None}
+  assert res["score"] is None
+  assert strict(out / "summary.json")["metrics"]["dev/pearson"]["mean"] is None
+  assert "reported as null" in caplog.text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--learning-rate", "inf"], "finite"),
+    (["--weight-decay", "nan"], "finite"),
+    (["--seeds", "18446744073709551616"], "2**32"),
+])
+def test_non_finite_and_huge_options_are_refused_by_the_parser(argv, message, capsys, tmp_path):
+  with pytest.raises(SystemExit) as e:
+    cli.main([*BASE, "--mode", "F", "--output-dir", str(tmp_path / "x"), *argv])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_output_and_cache_under_a_file_and_a_file_as_model(tmp_path, capsys):
+  afile = tmp_path / "file"
+  afile.write_text("x")
+  _fails(capsys, [*BASE, "--mode", "F", "--output-dir", str(afile / "out")], 2, "is a file")
+  _fails(capsys, [*BASE, "--mode", "F", "--output-dir", str(tmp_path / "o"),
+                  "--compilation-cache", str(afile / "cache")], 2, "--compilation-cache")
+  _fails(capsys, [*BASE, "--mode", "F", "--output-dir", str(tmp_path / "o"),
+                  "--model", str(afile)], 2, "is a file")
+  _fails(capsys, ["overlap", str(afile)], 2, "cannot read mask")
+  floats = tmp_path / "floats.npz"
+  np.savez(floats, w=np.zeros(3))
+  _fails(capsys, ["overlap", str(floats)], 2, "not bool")
+  assert not os.path.exists(tmp_path / "o")
+
+
+def test_corrupt_results_of_another_seed_is_left_out_of_the_summary(fin, capsys, caplog):
+  with open(os.path.join(fin, "seed-42", "results.json"), "rb") as f:
+    good = f.read()
+  os.makedirs(os.path.join(fin, "seed-7"))
+  with open(os.path.join(fin, "seed-7", "results.json"), "w") as f:
+    f.write("{truncated")
+  assert cli.main([*BASE, "--mode", "vanilla", "--output-dir", fin, "--resume"]) == 0
+  with open(os.path.join(fin, "summary.json")) as f:
+    assert json.load(f)["seeds"] == [42]
+  with open(os.path.join(fin, "seed-42", "results.json"), "rb") as f:
+    assert f.read() == good
+  assert "not a readable results.json" in caplog.text
+
+
+@pytest.mark.parametrize("sampler", ["hash8", "bernoulli"])
+def test_traced_reserve_p_is_clipped_and_nan_poisons(sampler):
+  tx = optax.inject_hyperparams(child_tuning_f, static_args=("key", "sampler"))(
+      reserve_p=0.5, key=0, sampler=sampler)
+  grads = {"w": jnp.linspace(-1.0, 1.0, 64)}
+  state = tx.init(grads)
+  update = jax.jit(tx.update)
+  for p, want in ((0.0, "zero"), (-0.5, "zero"), (1.5, "identity"), (float("nan"), "nan")):
+    state.hyperparams["reserve_p"] = jnp.asarray(p, jnp.float32)
+    out, _ = update(grads, state)
+    w = np.asarray(out["w"])
+    if want == "zero":
+      np.testing.assert_array_equal(w, 0.0)
+    elif want == "identity":
+      np.testing.assert_allclose(w, np.asarray(grads["w"]), rtol=1e-6)
+    else:
+      assert np.isnan(w).all()
+
+
+def test_load_model_names_unreadable_weights(tmp_path):
+  path = _model_copy(tmp_path)
+  (path / "model.safetensors.index.json").write_text("{}")
+  with pytest.raises(train.ModelError, match="sharded safetensors"):
+    train.load_model(str(path), 2, 0)
+
+
+def _fuzz_cases(rng, tmp_path):
+  """Generated bad inputs: (description, extra argv, what to break). Each is surely bad."""
+  rte = open(os.path.join(GLUE, "RTE", "train.tsv"), "rb").read()
+  config = open(os.path.join(TINY, "config.json"), "rb").read()
+  cases = []
+  for i in range(36):
+    kind = ["truncated-header", "mis-encoded", "bad-label", "short-row", "truncated-config",
+            "model-type", "no-vocab", "garbage-weights", "bad-option", "interrupt",
+            "empty", "nan-mask"][i % 12]
+    case = tmp_path / f"case{i}"
+    glue = case / "glue"
+    shutil.copytree(os.path.join(GLUE, "RTE"), glue / "RTE")
+    model = case / "model"
+    shutil.copytree(TINY, model)
+    argv = ["--data-dir", str(glue), "--model", str(model)]
+    lines = rte.split(b"\n")
+    if kind == "truncated-header":  # the header loses its label column
+      cut = int(rng.integers(1, lines[0].rindex(b"\t")))
+      (glue / "RTE" / "train.tsv").write_bytes(lines[0][:cut] + b"\n" + b"\n".join(lines[1:]))
+    elif kind == "mis-encoded":
+      j = int(rng.integers(1, len(lines) - 1))
+      lines[j] = lines[j] + b"\xff\xfe"
+      (glue / "RTE" / "train.tsv").write_bytes(b"\n".join(lines))
+    elif kind == "bad-label":
+      j = int(rng.integers(1, len(lines) - 1))
+      fields = lines[j].split(b"\t")
+      fields[-1] = rng.choice([b"nan", b"inf", b"maybe", b"2", b""])
+      lines[j] = b"\t".join(fields)
+      (glue / "RTE" / "dev.tsv").write_bytes(b"\n".join(lines))
+    elif kind == "short-row":
+      j = int(rng.integers(1, len(lines) - 1))
+      lines[j] = lines[j].split(b"\t")[0]
+      (glue / "RTE" / "train.tsv").write_bytes(b"\n".join(lines))
+    elif kind == "truncated-config":
+      (model / "config.json").write_bytes(config[:int(rng.integers(0, len(config) - 1))])
+    elif kind == "model-type":
+      (model / "config.json").write_text(json.dumps(
+          {**json.loads(config), "model_type": f"nope{rng.integers(100)}"}))
+    elif kind == "no-vocab":
+      os.remove(model / "vocab.txt")
+    elif kind == "garbage-weights":
+      name = rng.choice(["flax_model.msgpack", "model.safetensors"])
+      (model / name).write_bytes(rng.bytes(int(rng.integers(1, 4000))))
+    elif kind == "bad-option":
+      options = [["--reserve-p", "0"], ["--reserve-p", "1.5"], ["--reserve-p", "nan"],
+                 ["--max-seq-length", "4096"], ["--learning-rate", "-1"], ["--epochs", "0"],
+                 ["--batch-size", "x"], ["--warmup-ratio", "1"]]
+      argv += options[int(rng.integers(len(options)))]
+    elif kind == "empty":
+      (glue / "RTE" / rng.choice(["train.tsv", "dev.tsv"])).write_bytes(b"")
+    elif kind == "nan-mask":
+      mask = case / "mask.npz"
+      np.savez(mask, **{"x": np.full(3, np.nan)})
+      argv = [*argv[:4], "--mode", "random", "--random-like", str(mask)]
+    cases.append((kind, argv))
+  return cases
+
+
+def test_fuzzed_bad_inputs_keep_the_contract(finished, tmp_path, capsys, monkeypatch):
+  rng = np.random.default_rng(2026)
+  fin = tmp_path / "FIN"
+  shutil.copytree(finished / "vanilla", fin)
+  before = snapshot(fin)
+  real = data.make_batch
+  for kind, argv in _fuzz_cases(rng, tmp_path):
+    if kind == "interrupt":
+      stop = int(rng.integers(1, 4))
+      calls = {"n": 0}
+
+      def interrupting(*a, stop=stop, calls=calls, **k):
+        calls["n"] += 1
+        if calls["n"] == stop:
+          raise KeyboardInterrupt
+        return real(*a, **k)
+
+      monkeypatch.setattr(data, "make_batch", interrupting)
+    mode = [] if "--mode" in argv else ["--mode", str(rng.choice(["vanilla", "F", "D"]))]
+    full = [*BASE, *mode, *argv, "--output-dir", str(fin), "--overwrite"]
+    try:
+      status = cli.main(full)
+    except SystemExit as e:  # the parser's own exit
+      status = e.code
+    monkeypatch.setattr(data, "make_batch", real)
+    err = capsys.readouterr().err.strip()
+    assert status in (1, 2, 130) and (status == 130) == (kind == "interrupt"), (kind, err)
+    assert len(err.splitlines()) == 1 and "error:" in err, (kind, err)
+    assert "Traceback" not in err
+    assert snapshot(fin) == before, kind
