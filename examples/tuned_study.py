@@ -49,6 +49,7 @@ EPOCHS, LONG_EPOCHS = 3, 10
 SELECTION_SEEDS = (1, 2)
 TEST_SEEDS = (101, 102, 103, 104, 105)
 TRAIN_SAMPLES, SELECTION_SAMPLES = 1000, 500
+FAILED = "failed.json"  # a run that could not finish (e.g. diverged): never chosen
 
 
 def method_args(method: str, task: str) -> list[str]:
@@ -60,14 +61,22 @@ def point_name(lr: float, epochs: int) -> str:
 
 
 def read_results(folder: str, seeds: Sequence[int]) -> dict[int, dict]:
-  """The finished ``results.json`` of ``seeds`` in ``folder``."""
+  """The finished ``results.json`` of ``seeds`` in ``folder``; a failed run as ``FAILED``."""
   out = {}
   for seed in seeds:
-    path = os.path.join(folder, f"seed-{seed}", "results.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        out[seed] = json.load(f)
+    for name in ("results.json", FAILED):
+      path = os.path.join(folder, f"seed-{seed}", name)
+      if os.path.exists(path):
+        with open(path) as f:
+          out[seed] = json.load(f)
+        break
   return out
+
+
+def selection_scores(runs: dict[int, dict]) -> list[float]:
+  """Selection scores of a grid point; a run that failed (diverged) scores ``-inf``."""
+  return [r["selection_score"] if r.get("selection_score") is not None else -np.inf
+          for r in runs.values()]
 
 
 def choose(points: dict[tuple[float, int], list[float]]) -> tuple[float, int]:
@@ -78,6 +87,8 @@ def choose(points: dict[tuple[float, int], list[float]]) -> tuple[float, int]:
 
 def still_rising(runs: dict[int, dict]) -> bool:
   """Whether the mean selection score rose over the last epoch (more epochs may help)."""
+  if not runs or any("selection_by_epoch" not in r for r in runs.values()):
+    return False  # a failed run: nothing to extend
   by_epoch = np.array([r["selection_by_epoch"] for r in runs.values()], dtype=float)
   return by_epoch.shape[1] >= 2 and bool(np.mean(by_epoch[:, -1]) > np.mean(by_epoch[:, -2]))
 
@@ -91,7 +102,7 @@ class Study:
 
   def _train(self, method: str, out: str, seed: int, lr: float, epochs: int,
              extra: Sequence[str]) -> None:
-    if os.path.exists(os.path.join(out, f"seed-{seed}", "results.json")):
+    if any(os.path.exists(os.path.join(out, f"seed-{seed}", n)) for n in ("results.json", FAILED)):
       return
     argv = ["train", "--task", self.task, *method_args(method, self.task),
             "--data-dir", self.args.glue, "--max-train-samples", str(TRAIN_SAMPLES),
@@ -108,7 +119,13 @@ class Study:
     if fisher and os.path.exists(mask):
       argv += ["--child-mask", mask]
     print("+ childtune " + " ".join(argv), flush=True)
-    if cli.main(argv):
+    status = cli.main(argv)
+    if status == 1:  # the run failed (diverged): a result of this grid point, recorded
+      os.makedirs(os.path.join(out, f"seed-{seed}"), exist_ok=True)
+      files.write_json(os.path.join(out, f"seed-{seed}", FAILED),
+                       {"failed": True, "argv": argv, "selection_score": None})
+      return
+    if status:
       sys.exit(f"failed: {' '.join(argv)}")
     own = os.path.join(out, f"seed-{seed}", "child_mask.npz")
     if fisher and not os.path.exists(mask):
@@ -127,19 +144,18 @@ class Study:
                     ["--selection-only"])
     grid = {(lr, EPOCHS): read_results(self.select_dir(method, lr, EPOCHS), SELECTION_SEEDS)
             for lr in LEARNING_RATES}
-    best_lr, _ = choose({p: [r["selection_score"] for r in runs.values()]
-                         for p, runs in grid.items()})
+    best_lr, _ = choose({p: selection_scores(runs) for p, runs in grid.items()})
     if still_rising(grid[(best_lr, EPOCHS)]):
       for seed in SELECTION_SEEDS:
         self._train(method, self.select_dir(method, best_lr, LONG_EPOCHS), seed, best_lr,
                     LONG_EPOCHS, ["--selection-only"])
       grid[(best_lr, LONG_EPOCHS)] = read_results(
           self.select_dir(method, best_lr, LONG_EPOCHS), SELECTION_SEEDS)
-    scores = {p: [r["selection_score"] for r in runs.values()] for p, runs in grid.items()}
+    scores = {p: selection_scores(runs) for p, runs in grid.items()}
     lr, epochs = choose(scores)
     return {"learning_rate": lr, "epochs": epochs, "selection_seeds": list(SELECTION_SEEDS),
             "grid": [{"learning_rate": p[0], "epochs": p[1], "mean": float(np.mean(s)),
-                      "scores": s} for p, s in sorted(scores.items())]}
+                      "scores": s} for p, s in sorted(scores.items())]}  # null: diverged
 
   def run(self, methods: Sequence[str]) -> None:
     choice_path = os.path.join(self.root, "choice.json")

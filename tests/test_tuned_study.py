@@ -94,3 +94,48 @@ def test_tuned_study_selects_on_the_selection_split_and_tests_once(tmp_path, mon
   assert n == 2 * 2 * 2 + 2  # 2 methods x 2 lrs x 2 seeds, 1 test seed each
   study.main(argv)  # resumable: nothing left to run
   assert len(calls) == n
+
+
+def test_driver_extends_rising_points_records_failures_and_never_chooses_them(
+    tmp_path, monkeypatch):
+  study = _load()
+  calls = []
+
+  def fake_main(argv):  # a stand-in for childtune train: scores are a function of lr, epochs
+    calls.append(argv)
+    get = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+    lr, epochs, seed = float(get("--learning-rate")), int(get("--epochs")), int(get("--seeds"))
+    if lr == 5e-4:
+      return 1  # diverged
+    seed_dir = os.path.join(get("--output-dir"), f"seed-{seed}")
+    os.makedirs(seed_dir)
+    peak = {2e-5: 0.6, 5e-5: 0.7, 1e-4: 0.75, 2e-4: 0.72}[lr] + 0.01 * (epochs == 10)
+    by_epoch = [peak - 0.1 * (epochs - e) / epochs for e in range(1, epochs + 1)]  # rising
+    test = "--selection-only" not in argv
+    files.write_json(os.path.join(seed_dir, "results.json"), {
+        "selection_score": by_epoch[-1], "selection_by_epoch": by_epoch,
+        "metrics": {"dev": {"accuracy": 0.5}} if test else {}, "config": {}})
+    return 0
+
+  monkeypatch.setattr(study.cli, "main", fake_main)
+  out = str(tmp_path / "tuned")
+  study.main(["--glue", GLUE, "--out", out, "--tasks", "sst2", "--methods", "F",
+              "--compilation-cache", ""])
+  root = os.path.join(out, "sst2")
+  for seed in study.SELECTION_SEEDS:
+    failed = _read(os.path.join(root, "select", "F", "lr0.0005-ep3", f"seed-{seed}",
+                                "failed.json"))
+    assert failed["failed"] and failed["selection_score"] is None
+  choice = _read(os.path.join(root, "choice.json"))["F"]
+  # 1e-4 is best at 3 epochs and still rising there: its 10-epoch point ran and won
+  assert (choice["learning_rate"], choice["epochs"]) == (1e-4, 10)
+  grid = {(g["learning_rate"], g["epochs"]): g["scores"] for g in choice["grid"]}
+  assert grid[(5e-4, 3)] == [None, None] and (2e-4, 10) not in grid
+  tests = [c for c in calls if "--selection-only" not in c]
+  assert len(tests) == len(study.TEST_SEEDS)
+  assert all(c[c.index("--learning-rate") + 1] == "0.0001" and c[c.index("--epochs") + 1] == "10"
+             for c in tests)
+  n = len(calls)
+  study.main(["--glue", GLUE, "--out", out, "--tasks", "sst2", "--methods", "F",
+              "--compilation-cache", ""])
+  assert len(calls) == n  # failed runs are results too: not retried
