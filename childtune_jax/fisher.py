@@ -64,6 +64,7 @@ def fisher_information(
     per_example: bool = True,
     microbatch_size: int | None = None,
     max_grad_norm: float | None = None,
+    weights_key: str | None = None,
     progress: bool | None = None,
 ) -> optax.Params:
   r"""Estimates the diagonal Fisher information of every parameter on task data.
@@ -99,6 +100,9 @@ def fisher_information(
     microbatch_size: examples differentiated at once (per-example only); default the
       whole batch. Batches are padded to a multiple of it with zero-weight copies.
     max_grad_norm: optional per-tensor gradient-norm clip before squaring.
+    weights_key: with per-example Fisher and dict batches, the key of a per-example
+      weight (1 for a real example, 0 for a padding row, as the CLI's batches carry):
+      the Fisher averages over the real examples only, ``sum(w * g**2) / sum(w)``.
     progress: show a tqdm bar over batches; default when stderr is a terminal.
 
   Returns:
@@ -152,15 +156,23 @@ def fisher_information(
   count = 0
   for batch in tqdm(batches, total=total, desc="Fisher", unit="batch", disable=not progress):
     size = _batch_size(batch)
+    if size == 0:
+      continue
     if not per_example:
       acc = step(acc, params, batch)
       count += 1
       continue
     chunk = size if microbatch_size is None else microbatch_size
     padded = -(-size // chunk) * chunk
-    weights = jnp.asarray(np.arange(padded) < size, jnp.float32)
-    acc = step(acc, params, _pad_to(batch, padded), weights)
-    count += size
+    weights = np.asarray(np.arange(padded) < size, np.float32)
+    if weights_key is not None:
+      given = np.asarray(batch[weights_key], np.float32).reshape(-1)
+      if given.shape != (size,) or not np.all(np.isfinite(given)) or np.any(given < 0):
+        raise ValueError(f"batch[{weights_key!r}] must hold {size} finite weights >= 0")
+      weights[:size] *= given
+    acc = step(acc, params, _pad_to(batch, padded), jnp.asarray(weights))
+    count += float(weights.sum())
   if count == 0:
-    raise ValueError("batches is empty: the Fisher information needs at least one example")
+    raise ValueError("batches is empty (or all its weights are 0): the Fisher information "
+                     "needs at least one example")
   return jax.tree_util.tree_map(lambda a: a / count, acc)

@@ -418,6 +418,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       fisher = fisher_information(
           loss_fn, params, fisher_batches, per_example=per_example,
           microbatch_size=cfg.fisher_microbatch if per_example else None,
+          weights_key="weights" if per_example else None,
           max_grad_norm=None if per_example else cfg.max_grad_norm)
       keep = fisher_mask(fisher, cfg.reserve_p, where=is_encoder_layer)
       timings["fisher_s"] = time.perf_counter() - t

@@ -71,6 +71,32 @@ def test_per_example_fisher_equals_loop(batch_size, microbatch_size):
     np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=1e-9)
 
 
+def test_padding_rows_of_weight_zero_are_not_counted():
+  # 11 real examples padded to 15 rows: the Fisher of the 11, not 11/15 of it.
+  loss_fn, params, x, y = _setup()
+  pad = 4
+  xp = np.concatenate([x, np.repeat(x[:1], pad, 0)])
+  yp = np.concatenate([y, np.repeat(y[:1], pad, 0)])
+  w = (np.arange(len(xp)) < len(x)).astype(np.float32)
+  batches = [{"x": xp[i:i + 5], "y": yp[i:i + 5], "w": w[i:i + 5]} for i in range(0, 15, 5)]
+
+  def loss(params, batch):
+    return loss_fn(params, {"x": batch["x"], "y": batch["y"]})
+
+  got = fisher_information(loss, params, batches, microbatch_size=2, weights_key="w",
+                           progress=False)
+  want = _loop_fisher(loss_fn, params, x, y)
+  for g, v in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), v, rtol=2e-5, atol=1e-9)
+  empty = {"x": np.zeros((0, 4), np.float32), "y": np.zeros((0,), np.int32)}
+  got = fisher_information(loss_fn, params, [empty, *_batches(x, y, 4)], progress=False)
+  for g, v in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), v, rtol=2e-5, atol=1e-9)
+  with pytest.raises(ValueError, match="all its weights are 0"):
+    fisher_information(loss, params, [{**batches[0], "w": np.zeros(5, np.float32)}],
+                       weights_key="w", progress=False)
+
+
 def test_per_example_fisher_with_clip_equals_loop():
   loss_fn, params, x, y = _setup()
   got = fisher_information(loss_fn, params, _batches(x, y, 4), max_grad_norm=0.05, progress=False)
