@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -54,6 +55,39 @@ def _pad_to(batch: Any, size: int) -> Any:
     return jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)], axis=0)
 
   return jax.tree_util.tree_map(pad, batch)
+
+
+# Module-level and jitted with the loss function static, so that every call with the same
+# ``loss_fn`` and shapes reuses one compiled program (a study computes many Fisher passes).
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("loss_fn", "max_grad_norm"))
+def _per_batch_step(acc: Any, params: Any, batch: Any, *, loss_fn: LossFn,
+                    max_grad_norm: float | None) -> Any:
+  grads = _f32_grad(loss_fn, params, batch, max_grad_norm)
+  return jax.tree_util.tree_map(lambda a, g: a + jnp.square(g), acc, grads)
+
+
+@functools.partial(jax.jit, donate_argnums=0,
+                   static_argnames=("loss_fn", "max_grad_norm", "chunk"))
+def _per_example_step(acc: Any, params: Any, batch: Any, weights: jax.Array, *,
+                      loss_fn: LossFn, max_grad_norm: float | None, chunk: int) -> Any:
+  size = weights.shape[0]
+
+  def one(example: Any) -> Any:
+    example = jax.tree_util.tree_map(lambda x: x[None], example)
+    return _f32_grad(loss_fn, params, example, max_grad_norm)
+
+  def body(acc: Any, xs: tuple[Any, jax.Array]) -> tuple[Any, None]:
+    examples, w = xs
+    grads = jax.vmap(one)(examples)
+    return jax.tree_util.tree_map(
+        lambda a, g: a + jnp.tensordot(w, jnp.square(g), axes=1), acc, grads
+    ), None
+
+  chunks = jax.tree_util.tree_map(
+      lambda x: x.reshape((size // chunk, chunk) + x.shape[1:]), (batch, weights)
+  )
+  acc, _ = jax.lax.scan(body, acc, chunks)
+  return acc
 
 
 def fisher_information(
@@ -123,32 +157,8 @@ def fisher_information(
   if max_grad_norm is not None and not max_grad_norm > 0:
     raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm!r}")
 
-  def per_batch_step(acc: Any, params: Any, batch: Any) -> Any:
-    grads = _f32_grad(loss_fn, params, batch, max_grad_norm)
-    return jax.tree_util.tree_map(lambda a, g: a + jnp.square(g), acc, grads)
-
-  def per_example_step(acc: Any, params: Any, batch: Any, weights: jax.Array) -> Any:
-    size = weights.shape[0]
-    chunk = size if microbatch_size is None else microbatch_size
-
-    def one(example: Any) -> Any:
-      example = jax.tree_util.tree_map(lambda x: x[None], example)
-      return _f32_grad(loss_fn, params, example, max_grad_norm)
-
-    def body(acc: Any, xs: tuple[Any, jax.Array]) -> tuple[Any, None]:
-      examples, w = xs
-      grads = jax.vmap(one)(examples)
-      return jax.tree_util.tree_map(
-          lambda a, g: a + jnp.tensordot(w, jnp.square(g), axes=1), acc, grads
-      ), None
-
-    chunks = jax.tree_util.tree_map(
-        lambda x: x.reshape((size // chunk, chunk) + x.shape[1:]), (batch, weights)
-    )
-    acc, _ = jax.lax.scan(body, acc, chunks)
-    return acc
-
-  step = jax.jit(per_example_step if per_example else per_batch_step, donate_argnums=0)
+  step = functools.partial(_per_example_step if per_example else _per_batch_step,
+                           loss_fn=loss_fn, max_grad_norm=max_grad_norm)
   acc = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
   if progress is None:
     progress = sys.stderr.isatty()
@@ -170,7 +180,7 @@ def fisher_information(
       if given.shape != (size,) or not np.all(np.isfinite(given)) or np.any(given < 0):
         raise ValueError(f"batch[{weights_key!r}] must hold {size} finite weights >= 0")
       weights[:size] *= given
-    acc = step(acc, params, _pad_to(batch, padded), jnp.asarray(weights))
+    acc = step(acc, params, _pad_to(batch, padded), jnp.asarray(weights), chunk=chunk)
     count += float(weights.sum())
   if count == 0:
     raise ValueError("batches is empty (or all its weights are 0): the Fisher information "

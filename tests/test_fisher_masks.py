@@ -71,6 +71,20 @@ def test_per_example_fisher_equals_loop(batch_size, microbatch_size):
     np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=1e-9)
 
 
+def test_second_fisher_pass_compiles_nothing():
+  from childtune_jax import fisher
+
+  loss_fn, params, x, y = _setup()
+  fisher_information(loss_fn, params, _batches(x, y, 4), microbatch_size=2, progress=False)
+  before = fisher._per_example_step._cache_size()
+  again = fisher_information(loss_fn, params, _batches(x, y, 4), microbatch_size=2,
+                             progress=False)
+  assert fisher._per_example_step._cache_size() == before
+  want = _loop_fisher(loss_fn, params, x, y)
+  for g, v in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), v, rtol=2e-5, atol=1e-9)
+
+
 def test_padding_rows_of_weight_zero_are_not_counted():
   # 11 real examples padded to 15 rows: the Fisher of the 11, not 11/15 of it.
   loss_fn, params, x, y = _setup()
