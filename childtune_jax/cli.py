@@ -117,6 +117,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="EMA decay of the squared-gradient score (default 0.99)")
   p.add_argument("--random-like", metavar="MASK",
                  help="mode random: keep as many scalars as this D mask file")
+  dev = p.add_argument_group("devices and precision")
+  dev.add_argument("--mesh", metavar="data=N,fsdp=M",
+                   help="how the devices split the work: the batch over all of them, the "
+                        "parameters and optimizer state sharded over fsdp (default: data "
+                        "parallelism over every device jax.devices() shows)")
+  dev.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; parameters and optimizer state stay float32")
+  dev.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
+                   help="micro-batches per optimizer step (optax.MultiSteps; the mask is "
+                        "drawn once per optimizer step, on the accumulated gradient)")
   p.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps")
   p.add_argument("--no-save-model", action="store_true", help="skip the final save_pretrained")
   p.add_argument("--output-dir", required=True)
@@ -263,7 +273,7 @@ def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
 
 # Config fields that do not change a run's numbers: seeds that differ only in these summarise
 # together.
-_BOOKKEEPING = ("seed", "save_every", "save_model")
+_BOOKKEEPING = ("seed", "save_every", "save_model", "mesh")  # a run resumes on another mesh
 
 
 def _experiment(config: dict) -> dict:
@@ -341,7 +351,7 @@ def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
       save_model=not args.no_save_model, init_seed=args.init_seed, random_like=args.random_like,
       selection_samples=args.selection_samples, eval_dev=not args.selection_only,
       child_mask=args.child_mask, every=args.every, full_stage=args.full_stage,
-      score_decay=args.score_decay)
+      score_decay=args.score_decay, mesh=args.mesh, dtype=args.dtype, grad_accum=args.grad_accum)
 
 
 STAGING = ".childtune-overwrite"  # where --overwrite runs until it replaces the old run
@@ -444,6 +454,18 @@ def train_command(args: argparse.Namespace) -> dict:
     raise UsageError("--freeze-non-child is for modes F and D")
   if args.selection_only and not args.selection_samples:
     raise UsageError("--selection-only needs --selection-samples N")
+  import jax
+
+  from childtune_jax import parallel
+
+  try:
+    mesh = parallel.parse_mesh(args.mesh, jax.device_count())
+  except parallel.MeshError as e:
+    raise UsageError(str(e)) from None
+  devices = mesh["data"] * mesh["fsdp"]
+  if args.batch_size % devices:
+    raise UsageError(f"--batch-size {args.batch_size} does not divide over {devices} devices "
+                     f"(mesh {mesh}): use a multiple of {devices}")
   out = args.output_dir
   if _finished(out) and not (args.resume or args.overwrite):
     raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
@@ -686,6 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   commands = {"train": train_command, "demo": demo_command, "overlap": overlap_command}
   try:
+    if args.command in ("train", "demo"):
+      from childtune_jax import parallel
+
+      parallel.initialize_if_distributed()
     commands[args.command](args)
   except (UsageError, data.DataError, ModelError, CheckpointError) as e:
     print(f"childtune: error: {e}", file=sys.stderr)

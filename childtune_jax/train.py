@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from childtune_jax import _tree, data, files
+from childtune_jax import _tree, data, files, parallel
 from childtune_jax.dynamic import ChildTuningDynamicState, child_tuning_dynamic
 from childtune_jax.fisher import fisher_information
 from childtune_jax.masks import fisher_mask, is_encoder_layer, jaccard, kept_fraction, random_keep
@@ -79,6 +79,9 @@ class TrainConfig:
   every: int | None = None  # dynamic: steps between re-selections; None: 5% of the steps
   full_stage: int | None = None  # dynamic: full-update steps first; None: ``every``
   score_decay: float = 0.99  # dynamic: the EMA decay of the squared-gradient score
+  mesh: str | None = None  # "data=N,fsdp=M"; None: data parallelism over every device
+  dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+  grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
 
 
 def resolve_model_path(name: str) -> str:
@@ -101,16 +104,32 @@ def looks_like_path(name: str) -> bool:
           or (os.path.sep != "/" and os.path.sep in name) or os.path.exists(name))
 
 
-def load_model(name: str, num_labels: int, seed: int) -> tuple[Any, Any]:
+def load_model(name: str, num_labels: int, seed: int, dtype: Any = jnp.float32
+               ) -> tuple[Any, Any]:
   """A Flax sequence classifier and its tokenizer, from a local folder or the hub.
 
   A local folder with a config but no weights gives a randomly initialised model (for
   tests and smoke runs). PyTorch weights (safetensors) are converted without torch.
+  ``dtype`` is the compute dtype; weights stored in float16 or bfloat16 are cast to
+  float32 master weights (in half precision most AdamW updates would round away).
   """
+  model, tokenizer = _load_model(name, num_labels, seed, dtype)
+  half = {str(x.dtype) for x in jax.tree_util.tree_leaves(model.params)
+          if x.dtype in (jnp.float16, jnp.bfloat16)}
+  if half:
+    logger.info("the checkpoint's weights are %s: training float32 master weights",
+                "/".join(sorted(half)))
+    model.params = jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if x.dtype in (jnp.float16, jnp.bfloat16) else x,
+        model.params)
+  return model, tokenizer
+
+
+def _load_model(name: str, num_labels: int, seed: int, dtype: Any) -> tuple[Any, Any]:
   from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
 
   path = resolve_model_path(name)
-  kwargs = {"num_labels": num_labels, "seed": seed}
+  kwargs = {"num_labels": num_labels, "seed": seed, "dtype": dtype}
   if os.path.isdir(path):
     weights = weight_files(path)
     try:
@@ -130,7 +149,7 @@ def load_model(name: str, num_labels: int, seed: int) -> tuple[Any, Any]:
       else:
         config = AutoConfig.from_pretrained(path, num_labels=num_labels)
         logger.warning("%s has no weights: initialising the model at random", path)
-        model = FlaxAutoModelForSequenceClassification.from_config(config, seed=seed)
+        model = FlaxAutoModelForSequenceClassification.from_config(config, seed=seed, dtype=dtype)
     except ModelError:
       raise
     except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways; all mean the same
@@ -362,13 +381,19 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
     keep_like_d: for mode ``random``, a D mask file whose kept count to match.
   """
   task = data.TASKS[cfg.task]
+  primary = parallel.is_primary()  # only process 0 writes results, masks and the model
+  axes = parallel.parse_mesh(cfg.mesh, jax.device_count())
+  mesh = parallel.make_mesh(axes)
+  parallel.check_batch(mesh, cfg.batch_size, "--batch-size")
+  devices = axes["data"] * axes["fsdp"]
+  eval_rows = -(-cfg.eval_batch_size // devices) * devices  # a multiple of the devices
   os.makedirs(out_dir, exist_ok=True)
-  if not os.listdir(out_dir):  # a fresh run: record what a --resume of it must match
+  if primary and not os.listdir(out_dir):  # a fresh run: what a --resume of it must match
     files.write_json(os.path.join(out_dir, RUN_FILE), {"config": dataclasses.asdict(cfg)})
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
-  model, tokenizer = load_model(cfg.model, task.num_labels, init_seed)
+  model, tokenizer = load_model(cfg.model, task.num_labels, init_seed, getattr(jnp, cfg.dtype))
   pad_id = tokenizer.pad_token_id or 0
   evals = dict(evals) if cfg.eval_dev else {}
   if cfg.selection_samples:
@@ -379,7 +404,8 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   train_enc = data.encode(tokenizer, train_set, cfg.max_seq_length)
   digests = {"train": train_set.digest(), **{k: v.digest() for k, v in evals.items()}}
   eval_enc = {k: data.encode(tokenizer, v, cfg.max_seq_length) for k, v in evals.items()}
-  params = model.params
+  params = jax.device_put(model.params, parallel.shardings_by_shape(mesh, model.params))
+  batch_sharding = parallel.batch_sharding(mesh)
   timings["load_s"] = time.perf_counter() - t0
 
   def logits_fn(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -397,9 +423,12 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
 
   steps_per_epoch = math.ceil(len(train_enc) / cfg.batch_size)
   total_steps = steps_per_epoch * cfg.epochs
-  schedule = linear_warmup_decay(cfg.learning_rate, total_steps, cfg.warmup_ratio)
+  optimizer_steps = math.ceil(total_steps / cfg.grad_accum)  # what the schedule counts
+  schedule = linear_warmup_decay(cfg.learning_rate, optimizer_steps, cfg.warmup_ratio)
   results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "train_examples": len(train_enc),
                              "data_sha256": digests}
+  results["device"] = {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
+                       "processes": jax.process_count(), "mesh": axes, "dtype": cfg.dtype}
 
   keep = None
   mask_path = os.path.join(out_dir, "child_mask.npz")
@@ -413,7 +442,10 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       t = time.perf_counter()
       order = data.fisher_order(len(train_enc), cfg.seed)
       fisher_batches = list(data.batches(train_enc, cfg.batch_size, cfg.max_seq_length, pad_id,
-                                         order, bucket=cfg.pad_multiple))
+                                         order, bucket=cfg.pad_multiple,
+                                         pad_rows=jax.device_count() > 1))
+      if jax.device_count() > 1:  # split over the mesh (padding rows have weight 0)
+        fisher_batches = [parallel.put_batch(b, batch_sharding) for b in fisher_batches]
       per_example = cfg.fisher == "per-example"
       fisher = fisher_information(
           loss_fn, params, fisher_batches, per_example=per_example,
@@ -428,7 +460,8 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       if keep_like_d:
         size = {"count": kept_fraction(load_keep(keep_like_d, params), where=is_encoder_layer)[0]}
       keep = random_keep(cfg.seed + 1_000_003, params, **size, where=is_encoder_layer)
-    save_keep(mask_path, keep)
+    if primary:
+      save_keep(mask_path, keep)
     kept, total = kept_fraction(keep, where=is_encoder_layer)
     results["child_network"] = {"kept": kept, "total": total, "fraction": kept / total}
     logger.info("child network: %d of %d encoder-layer scalars (%.2f%%)%s", kept, total,
@@ -443,7 +476,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
                               sampler=cfg.sampler, freeze_non_child=cfg.freeze_non_child,
                               **adamw_kwargs)
   elif cfg.mode == "dynamic":
-    every = cfg.every or max(1, round(0.05 * total_steps))  # DPS's stage: 5% of the steps
+    every = cfg.every or max(1, round(0.05 * optimizer_steps))  # DPS's stage: 5% of the steps
     full_stage = every if cfg.full_stage is None else cfg.full_stage
     results["child_network"] = {
         "every": every, "full_stage": full_stage, "reserve_p": cfg.reserve_p,
@@ -459,10 +492,16 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
     core = child_tuning_adamw(schedule, mode="D", keep=keep, packing="uint8",
                               freeze_non_child=cfg.freeze_non_child, **adamw_kwargs)
   tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), core)
+  if cfg.grad_accum > 1:  # the mask inside: one mask per optimizer step, as the reference
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum).gradient_transformation()
   opt_state = tx.init(params)
+  param_shardings = parallel.shardings_by_shape(mesh, params)
+  state_shardings = parallel.shardings_by_shape(mesh, opt_state)
+  opt_state = jax.device_put(opt_state, state_shardings)
   dropout_key = jax.random.key(cfg.seed)
 
-  @partial(jax.jit, donate_argnums=(0, 1))
+  @partial(jax.jit, donate_argnums=(0, 1),
+           out_shardings=(param_shardings, state_shardings, parallel.replicated(mesh)))
   def train_step(params: Any, opt_state: Any, batch: dict, step: jax.Array):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(dropout_key, step))
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -473,11 +512,12 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   def evaluate(params: Any, name: str) -> dict[str, float]:
     enc = eval_enc[name]
     outs = []
-    for batch in tqdm(data.batches(enc, cfg.eval_batch_size, cfg.max_seq_length, pad_id,
+    for batch in tqdm(data.batches(enc, eval_rows, cfg.max_seq_length, pad_id,
                                    pad_rows=True, bucket=cfg.pad_multiple),
-                      total=math.ceil(len(enc) / cfg.eval_batch_size), desc=f"eval {name}",
+                      total=math.ceil(len(enc) / eval_rows), desc=f"eval {name}",
                       disable=None, leave=False):
-      outs.append(np.asarray(eval_logits(params, batch), np.float32))
+      logits = eval_logits(params, parallel.put_batch(batch, batch_sharding))
+      outs.append(np.asarray(jax.device_get(logits), np.float32))
     logits = np.concatenate(outs)[:len(enc)]
     preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
     return glue_metrics(task.metrics, preds, enc.labels)
@@ -505,7 +545,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
         losses = [float(x) for x in saved_losses[:step]]
       logger.info("resuming %s at step %d of %d", out_dir, step, total_steps)
   # What the killed run recorded after its last checkpoint is recomputed, bitwise alike.
-  history["networks"] = [n for n in history["networks"] if n["step"] < step]
+  history["networks"] = [n for n in history["networks"] if n["step"] < step // cfg.grad_accum]
   network = None
   if cfg.mode == "dynamic":  # the network in force, to compare the next selection with
     network = {"every": every, "full_stage": full_stage,
@@ -521,20 +561,25 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       index = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size]
       batch = data.make_batch(train_enc, index, cfg.max_seq_length, pad_id, rows=cfg.batch_size,
                               bucket=cfg.pad_multiple)
-      params, opt_state, loss = train_step(params, opt_state, batch, jnp.int32(step))
+      params, opt_state, loss = train_step(params, opt_state,
+                                           parallel.put_batch(batch, batch_sharding),
+                                           jnp.int32(step))
       step += 1
       losses.append(loss)
       bar.update(1)
-      if network and (step - 1 - network["full_stage"]) % network["every"] == 0 \
-          and step - 1 >= network["full_stage"]:
-        history["networks"].append(_network_change(network, opt_state, step - 1))
-        files.write_json(history_path, history)
+      t_opt = step // cfg.grad_accum - 1  # the optimizer step just taken, if any
+      if network and step % cfg.grad_accum == 0 and t_opt >= network["full_stage"] \
+          and (t_opt - network["full_stage"]) % network["every"] == 0:
+        history["networks"].append(_network_change(network, opt_state, t_opt))
+        if primary:
+          files.write_json(history_path, history)
       saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < total_steps)
       if step % steps_per_epoch == 0 or saving or step == total_steps:
         _check_finite(losses, params, step, ckpt)
       if SELECTION in eval_enc and step % steps_per_epoch == 0 and step < total_steps:
         history["selection"][str(step // steps_per_epoch)] = evaluate(params, SELECTION)
-        files.write_json(history_path, history)
+        if primary:
+          files.write_json(history_path, history)
       if saving:
         ckpt.save(step, params, opt_state, all_losses())
   jax.block_until_ready(params)
@@ -565,17 +610,18 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   results["timings"] = timings
   results["steps"] = total_steps
   results["versions"] = versions()
-  if cfg.save_model:
-    model_dir = os.path.join(out_dir, "model")
-    tmp = model_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, params=params)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
-  files.write_json(os.path.join(out_dir, "results.json"), results)
   ckpt.close()
-  shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+  if primary:
+    if cfg.save_model:
+      model_dir = os.path.join(out_dir, "model")
+      tmp = model_dir + ".tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
+      model.save_pretrained(tmp, params=jax.device_get(params))
+      tokenizer.save_pretrained(tmp)
+      shutil.rmtree(model_dir, ignore_errors=True)
+      os.replace(tmp, model_dir)
+    files.write_json(os.path.join(out_dir, "results.json"), results)
+    shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
   if os.path.exists(history_path):
     os.remove(history_path)
   return results

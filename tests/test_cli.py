@@ -268,9 +268,9 @@ def test_init_seed_sets_the_head_initialisation_apart_from_the_seed(tmp_path, mo
   calls = []
   load_model = train.load_model
 
-  def spy(name, num_labels, seed):
+  def spy(name, num_labels, seed, *rest):
     calls.append(seed)
-    return load_model(name, num_labels, seed)
+    return load_model(name, num_labels, seed, *rest)
 
   monkeypatch.setattr(train, "load_model", spy)
   out = str(tmp_path / "run")

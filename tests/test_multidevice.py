@@ -1,0 +1,150 @@
+"""The CLI on 8 emulated CPU devices: data parallelism and FSDP give one device's numbers.
+
+The 8-device runs happen in a subprocess (the device count is fixed when JAX starts); the
+one-device reference runs in this process. Tolerance: training losses to rtol 1e-5 (only
+the order of float reductions differs), dev metrics equal.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from childtune_jax import cli
+
+HERE = os.path.dirname(__file__)
+GLUE = os.path.join(HERE, "fixtures", "glue")
+TINY = os.path.join(HERE, "fixtures", "tiny-bert")
+BASE = ["train", "--task", "mrpc", "--model", TINY, "--data-dir", GLUE, "--epochs", "1",
+        "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
+        "--no-save-model"]
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from childtune_jax import cli, data, parallel
+
+    assert jax.device_count() == 8, jax.devices()
+    parallel.MIN_SHARDED_SIZE = 1  # shard every leaf that fsdp divides: the tiny model too
+    jobs = json.loads(sys.argv[1])
+    for job in jobs:
+        if job.get("die_at"):  # a run killed part-way, to resume on another mesh
+            real, calls = data.make_batch, {"n": 0}
+            def dying(*a, **k):
+                calls["n"] += 1
+                if calls["n"] == job["die_at"]:
+                    raise KeyboardInterrupt
+                return real(*a, **k)
+            data.make_batch = dying
+            assert cli.main(job["argv"]) == 130
+            data.make_batch = real
+        else:
+            assert cli.main(job["argv"]) == job.get("status", 0), job
+    print("MULTIDEVICE OK")
+""")
+
+
+def _results(out):
+  with open(os.path.join(out, "seed-42", "results.json")) as f:
+    return json.load(f)
+
+
+def _run8(jobs):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(jobs)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "MULTIDEVICE OK" in proc.stdout, proc.stderr[-3000:]
+  return proc
+
+
+def _same(a, b):
+  np.testing.assert_allclose(a["train_losses"], b["train_losses"], rtol=1e-5)
+  assert a["metrics"] == b["metrics"]
+
+
+def test_data_and_fsdp_meshes_equal_one_device_and_resume_across_meshes(tmp_path):
+  cases = [("vanilla", "data=8"), ("D", "data=8"), ("F", "data=4,fsdp=2"),
+           ("D", "data=4,fsdp=2")]
+  for mode in ("vanilla", "F", "D"):
+    assert cli.main([*BASE, "--mode", mode, "--output-dir", str(tmp_path / f"one-{mode}")]) == 0
+  jobs = [{"argv": [*BASE, "--mode", mode, "--mesh", mesh, "--output-dir",
+                    str(tmp_path / f"{mesh}-{mode}")]} for mode, mesh in cases]
+  part = str(tmp_path / "part")  # F killed on data=8 after its step-2 checkpoint ...
+  jobs.append({"argv": [*BASE, "--mode", "F", "--save-every", "2", "--output-dir", part],
+               "die_at": 4})
+  jobs.append({"argv": [*BASE, "--mode", "F", "--mesh", "data=2,fsdp=4", "--output-dir", part,
+                        "--resume"]})  # ... resumes on another mesh
+  jobs.append({"argv": [*BASE, "--mode", "F", "--mesh", "data=3", "--output-dir",
+                        str(tmp_path / "bad")], "status": 2})
+  jobs.append({"argv": [*BASE, "--mode", "F", "--batch-size", "12", "--output-dir",
+                        str(tmp_path / "bad")], "status": 2})
+  proc = _run8(jobs)
+  for mode, mesh in cases:
+    one = _results(str(tmp_path / f"one-{mode}"))
+    many = _results(str(tmp_path / f"{mesh}-{mode}"))
+    _same(many, one)
+    axes = {"fsdp": 1, **{k: int(v) for k, v in (p.split("=") for p in mesh.split(","))}}
+    assert many["device"]["count"] == 8 and many["device"]["mesh"] == axes
+    if mode == "D":  # the Fisher pass split over the mesh picks the same network
+      assert many["child_network"] == one["child_network"]
+  _same(_results(part), _results(str(tmp_path / "one-F")))
+  assert "does not divide over 8 devices" in proc.stderr
+  assert "--mesh 'data=3' has 3 devices, but 8 are visible" in proc.stderr
+  assert not os.path.exists(tmp_path / "bad")
+
+
+@pytest.fixture
+def no_dropout(tmp_path):
+  model = tmp_path / "no-dropout"
+  shutil.copytree(TINY, model)
+  with open(model / "config.json") as f:
+    config = json.load(f)
+  config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  (model / "config.json").write_text(json.dumps(config))
+  return str(model)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "F"])
+def test_grad_accum_equals_the_large_batch(tmp_path, no_dropout, mode):
+  # 2 micro-batches of 4 accumulate to the batch of 8 (no dropout: the same function), and
+  # F draws one mask per optimizer step: the same masks as without accumulation.
+  argv = [*BASE, "--mode", mode, "--model", no_dropout]
+  assert cli.main([*argv, "--output-dir", str(tmp_path / "big")]) == 0
+  assert cli.main([*argv, "--batch-size", "4", "--grad-accum", "2",
+                   "--output-dir", str(tmp_path / "accum")]) == 0
+  big, accum = _results(str(tmp_path / "big")), _results(str(tmp_path / "accum"))
+  micro = np.array(accum["train_losses"]).reshape(-1, 2).mean(1)
+  np.testing.assert_allclose(micro, big["train_losses"], rtol=1e-5)
+  assert accum["metrics"] == big["metrics"]
+
+
+def test_half_precision_checkpoint_trains_float32_master_weights(tmp_path, caplog):
+  import logging
+
+  import jax
+  import jax.numpy as jnp
+
+  from childtune_jax import train
+
+  caplog.set_level(logging.INFO, logger="childtune_jax.train")
+  model, _ = train.load_model(TINY, 2, 0)
+  half = tmp_path / "half"
+  model.params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float16), model.params)
+  model.save_pretrained(str(half), params=model.params)
+  for name in ("vocab.txt", "tokenizer_config.json"):
+    shutil.copy(os.path.join(TINY, name), half / name)
+  loaded, _ = train.load_model(str(half), 2, 0, jnp.bfloat16)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(loaded.params)} == {jnp.dtype("float32")}
+  assert "float16" in caplog.text and "float32 master weights" in caplog.text
+  assert loaded.dtype == jnp.bfloat16  # computes in bfloat16
+  out = str(tmp_path / "bf16")
+  assert cli.main([*BASE, "--mode", "F", "--model", str(half), "--dtype", "bfloat16",
+                   "--output-dir", out]) == 0
+  res = _results(out)
+  assert res["device"]["dtype"] == "bfloat16" and np.isfinite(res["train_losses"]).all()
