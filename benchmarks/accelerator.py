@@ -10,8 +10,9 @@ Cases:
 1. ``update``: the optimizer update alone on a BERT-base-shaped pytree (110M scalars):
    ``adamw``, F (``hash8``, ``bernoulli``), D (bool and ``uint8``-packed masks), dynamic, with
    the memory bandwidth it achieves against the bytes the update must move.
-2. ``train_step``: forward, backward, clip and update of BERT-base and BERT-large (random
-   init from a config: no weights needed), vanilla / F / D, float32 and bfloat16 compute.
+2. ``train_step``: forward, backward, clip and update of BERT-base and BERT-large (the
+   project's own NNX BERT, random init from a config: no weights and no transformers
+   needed), vanilla / F / D, float32 and bfloat16 compute.
 3. ``fisher``: the per-example Fisher pass (examples/s) and ``fisher_mask``.
 
   python benchmarks/accelerator.py --out DIR [--budget-s 420] [--smoke]
@@ -146,12 +147,21 @@ def update_cases(bench: Bench, scale: float) -> None:
     bench.last_s["update"] = time.perf_counter() - t0
 
 
-def _bert(size: str, dtype: Any) -> tuple[Any, Any]:
-  from transformers import BertConfig, FlaxBertForSequenceClassification
+def _bert(size: str, dtype: Any) -> tuple[Callable, Any]:
+  """``apply(params, batch, dropout_key=None)`` and params of a random-init NNX BERT."""
+  from flax import nnx
 
-  config = BertConfig(num_labels=2, **MODELS[size])
-  model = FlaxBertForSequenceClassification(config, seed=0, dtype=dtype)
-  return model, model.params
+  from childtune_jax.models import EncoderConfig, SequenceClassifier
+
+  cfg = EncoderConfig("bert", **MODELS[size])
+  graphdef, state = nnx.split(SequenceClassifier(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+
+  def apply(params: Any, b: dict, key: jax.Array | None = None) -> jax.Array:
+    rngs = None if key is None else nnx.Rngs(dropout=key)
+    return nnx.merge(graphdef, params)(b["input_ids"], b["attention_mask"],
+                                       b["token_type_ids"], rngs=rngs)
+
+  return apply, nnx.to_pure_dict(state)
 
 
 def _batch(size: str, batch: int, seq: int) -> dict:
@@ -174,8 +184,7 @@ def train_step_cases(bench: Bench, sizes: list[str], batch: int, seq: int) -> No
       data = _batch(size, batch, seq)
 
       def loss_fn(p, b, rng=None, model=model):
-        logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], params=p,
-                       dropout_rng=rng, train=rng is not None).logits.astype(jnp.float32)
+        logits = model(p, b, rng).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
 
       keep = jax.tree_util.tree_map(
@@ -216,8 +225,7 @@ def fisher_cases(bench: Bench, size: str, batch: int, seq: int, microbatch: int)
   data = _batch(size, batch, seq)
 
   def loss_fn(p, b):
-    logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], params=p).logits
-    return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(model(p, b), b["labels"]).mean()
 
   batches = [data] * 3
   t = time.perf_counter()

@@ -124,6 +124,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "parallelism over every device jax.devices() shows)")
   dev.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; parameters and optimizer state stay float32")
+  p.add_argument("--backend", choices=("nnx", "hf-flax"), default="nnx",
+                 help="the model implementation: childtune's own Flax NNX BERT/RoBERTa/ELECTRA "
+                      "(default; any transformers version), or transformers' Flax classes "
+                      "(transformers < 5)")
   dev.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
                    help="micro-batches per optimizer step (optax.MultiSteps; the mask is "
                         "drawn once per optimizer step, on the accumulated gradient)")
@@ -184,7 +188,7 @@ def _load_data(args: argparse.Namespace, task: data.Task):
   return data.load_hf_glue(task)
 
 
-def _check_model(name: str, max_seq_length: int) -> None:
+def _check_model(name: str, max_seq_length: int, backend: str = "nnx") -> None:
   """Fails early, before anything is written, on a model that cannot be found or used."""
   from childtune_jax.train import ModelError, looks_like_path, resolve_model_path
 
@@ -202,9 +206,15 @@ def _check_model(name: str, max_seq_length: int) -> None:
       raise ModelError(f"cannot read {config_path}: {e}") from None
     if not isinstance(config, dict):
       raise ModelError(f"{config_path} is not a JSON object")
-    from transformers.models.auto.modeling_flax_auto import (
-        FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as SUPPORTED,
-    )
+    if backend == "hf-flax":
+      from childtune_jax.train import require_hf_flax
+
+      require_hf_flax()
+      from transformers.models.auto.modeling_flax_auto import (
+          FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as SUPPORTED,
+      )
+    else:
+      from childtune_jax.models import FAMILIES as SUPPORTED
 
     kind = config.get("model_type")
     if kind not in SUPPORTED:
@@ -217,21 +227,23 @@ def _check_model(name: str, max_seq_length: int) -> None:
       if max_seq_length > positions:
         raise ModelError(f"--max-seq-length {max_seq_length} exceeds the {positions} positions "
                          f"of the model in {path}")
-    from transformers import AutoTokenizer
+    from childtune_jax.train import load_tokenizer
 
     try:
-      AutoTokenizer.from_pretrained(path)
+      load_tokenizer(path)
+    except ModelError:
+      raise
     except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ModelError(f"cannot load the tokenizer in {path}: {first}") from None
     return
   if looks_like_path(path):
     raise ModelError(f"model path {path} does not exist")
-  from transformers import AutoConfig
-
   try:
-    AutoConfig.from_pretrained(path)
-  except OSError:
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download(path, "config.json")
+  except Exception:  # noqa: BLE001 - no network, or no such model
     raise ModelError(
         f"cannot reach the Hugging Face hub for {path!r} (no network?); "
         "pass a local model folder with --model DIR") from None
@@ -281,7 +293,7 @@ def _experiment(config: dict) -> dict:
   from childtune_jax import train
 
   defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
-  full = {**defaults, **config}
+  full = {**defaults, "backend": "hf-flax", **config}  # runs before the NNX models were HF's
   return {k: v for k, v in full.items() if k not in _BOOKKEEPING}
 
 
@@ -351,7 +363,8 @@ def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
       save_model=not args.no_save_model, init_seed=args.init_seed, random_like=args.random_like,
       selection_samples=args.selection_samples, eval_dev=not args.selection_only,
       child_mask=args.child_mask, every=args.every, full_stage=args.full_stage,
-      score_decay=args.score_decay, mesh=args.mesh, dtype=args.dtype, grad_accum=args.grad_accum)
+      score_decay=args.score_decay, mesh=args.mesh, dtype=args.dtype, grad_accum=args.grad_accum,
+      backend=args.backend)
 
 
 STAGING = ".childtune-overwrite"  # where --overwrite runs until it replaces the old run
@@ -384,15 +397,15 @@ def _replace_run(out: str, staged: str) -> None:
   shutil.rmtree(trash)
 
 
-def _writable(out: str) -> None:
+def _writable(out: str, option: str = "--output-dir") -> None:
   """Fails early on an output folder that cannot be created or written."""
   parent = out
   while not os.path.exists(parent):
     parent = os.path.dirname(os.path.abspath(parent))
   if not os.path.isdir(parent):
-    raise UsageError(f"--output-dir {out}: {parent} is a file")
+    raise UsageError(f"{option} {out}: {parent} is a file")
   if not os.access(parent, os.W_OK | os.X_OK):
-    raise UsageError(f"--output-dir {out}: {parent} is not writable")
+    raise UsageError(f"{option} {out}: {parent} is not writable")
 
 
 def _check_same_run(seed_dir: str, cfg: Any) -> None:
@@ -416,18 +429,16 @@ def _check_same_run(seed_dir: str, cfg: Any) -> None:
     return
 
 
-def _check_mask_file(option: str, path: str, model: str, task: data.Task) -> None:
+def _check_mask_file(option: str, path: str, model: str, task: data.Task,
+                     backend: str = "nnx") -> None:
   """A mask file must hold a bool array of the right shape for every parameter."""
   import jax
-  from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
 
-  from childtune_jax.train import resolve_model_path
+  from childtune_jax.train import param_shapes
 
   masks = _load_mask_file(path)
-  config = AutoConfig.from_pretrained(resolve_model_path(model), num_labels=task.num_labels)
-  shapes = FlaxAutoModelForSequenceClassification.from_config(config, _do_init=False)
-  for leaf, like in zip(_tree.leaf_paths(shapes.params_shape_tree),
-                        jax.tree_util.tree_leaves(shapes.params_shape_tree)):
+  shapes = param_shapes(model, task.num_labels, backend)
+  for leaf, like in zip(_tree.leaf_paths(shapes), jax.tree_util.tree_leaves(shapes)):
     if leaf not in masks:
       raise UsageError(f"{option} {path} has no mask for parameter {leaf!r}")
     got = masks[leaf]
@@ -474,10 +485,7 @@ def train_command(args: argparse.Namespace) -> dict:
   _writable(out)
   cache = getattr(args, "compilation_cache", None)
   if cache:
-    try:
-      _writable(cache)
-    except UsageError as e:
-      raise UsageError(str(e).replace("--output-dir", "--compilation-cache")) from None
+    _writable(cache, "--compilation-cache")
   if args.mode == "F" and args.sampler != "bernoulli":
     levels = 2**16 if args.sampler == "uint16" else 2**8
     if round(args.reserve_p * levels) < 1:
@@ -490,10 +498,10 @@ def train_command(args: argparse.Namespace) -> dict:
     if task.is_regression and len(split) < 2:
       raise UsageError(f"{split.source}: {task.name} needs at least 2 evaluation examples for "
                        f"its correlations, got {len(split)}")
-  _check_model(args.model, args.max_seq_length)
+  _check_model(args.model, args.max_seq_length, args.backend)
   for option, path in (("--random-like", args.random_like), ("--child-mask", args.child_mask)):
     if path:
-      _check_mask_file(option, path, args.model, task)
+      _check_mask_file(option, path, args.model, task, args.backend)
   for seed in args.seeds:  # before anything runs: a mismatch touches nothing
     if args.resume:
       _check_same_run(os.path.join(out, f"seed-{seed}"), _train_config(args, task, seed))
@@ -622,7 +630,8 @@ def overlap_matrices(masks: list[dict], where: Any) -> dict:
       jac = 1.0 if i == j else jaccard(masks[i], masks[j], where=where)
       inter = jac * (ka + kb) / (1 + jac)  # from |A u B| = |A| + |B| - |A n B|
       a, b = ka / total, kb / total
-      for name, value in (("jaccard", jac), ("overlap", inter / max(min(ka, kb), 1)),
+      smaller = min(ka, kb)  # an empty network lies inside any other: overlap 1
+      for name, value in (("jaccard", jac), ("overlap", inter / smaller if smaller else 1.0),
                           ("random_jaccard", a * b / (a + b - a * b) if a + b else 1.0)):
         out[name][i, j] = out[name][j, i] = value
   return {"kept_fraction": [k / t for k, t in sizes],
@@ -649,6 +658,14 @@ def overlap_command(args: argparse.Namespace) -> dict:
     raise UsageError(f"--names has {len(names)} labels for {len(args.masks)} masks")
   if args.plot and importlib.util.find_spec("matplotlib") is None:
     raise UsageError("--plot needs matplotlib: pip install matplotlib")
+  if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".svg", ".pdf",
+                                                                  ".jpg", ".jpeg"):
+    raise UsageError(f"--plot {args.plot}: use a .png, .svg, .pdf or .jpg file name")
+  for option, path in (("--json", args.json), ("--plot", args.plot)):
+    if path and os.path.isdir(path):
+      raise UsageError(f"{option} {path} is a folder; give a file name")
+    if path:
+      _writable(os.path.dirname(os.path.abspath(path)), option)
   masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m).items()} for m in args.masks]
   for out in (args.json, args.plot):
     if out:
@@ -702,9 +719,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache",
+  for noisy in ("jax._src.xla_bridge", "jax._src.compilation_cache",
                 "transformers.modeling_flax_utils"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
+  logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax: our own errors say it once
   args = build_parser().parse_args(argv)
   commands = {"train": train_command, "demo": demo_command, "overlap": overlap_command}
   try:

@@ -203,6 +203,12 @@ def fisher_mask(
   leaves = [jnp.asarray(x) for (_, x), take in zip(flat, selected) if take]
   if not leaves:
     raise ValueError("fisher_mask: where selects no leaf")
+  for (path, _), x in zip((f for f, take in zip(flat, selected) if take), leaves):
+    if not jnp.issubdtype(x.dtype, jnp.floating) and not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"fisher scores must be real numbers, got {x.dtype} at "
+                      f"{_tree.path_str(path)!r}")
+  if not sum(x.size for x in leaves):
+    raise ValueError("fisher_mask: the selected leaves hold no scalars")
   paths = [_tree.path_str(p) for (p, _), take in zip(flat, selected) if take]
   for path, x in zip(paths, leaves):
     if int(_nonfinite_count(x)):
@@ -323,6 +329,8 @@ def random_keep(
   if count is None:
     _check_reserve_p(reserve_p)
     count = round(reserve_p * n)
+  elif not isinstance(count, (int, np.integer)) or isinstance(count, bool):
+    raise TypeError(f"random_keep: count must be an integer, got {count!r}")
   elif not 0 <= count <= n:
     raise ValueError(f"random_keep: count must be in [0, {n}], got {count}")
   draw_key, fix_key = jax.random.split(_canonical_key(key))

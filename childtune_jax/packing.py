@@ -84,8 +84,27 @@ def pack_keep(keep: Any, packing: str = "uint8") -> Any:
 
 
 def unpack_keep(packed: Any, like: Any) -> Any:
-  """The bool keep mask that :func:`pack_keep` packed, shaped like the leaves of ``like``."""
+  """The bool keep mask that :func:`pack_keep` packed, shaped like the leaves of ``like``.
+
+  Raises:
+    TypeError: a leaf that is not packed words (a bool mask needs no unpacking).
+    ValueError: a structure or shape that does not fit ``like``, or bits set past the end
+      of a leaf's last axis (words packed for a longer axis). A mask packed for a shorter
+      axis within the same number of words cannot be told apart: its missing bits read
+      as ``False``.
+  """
   check_packed("packed", packed, like)
+  for path, w, x in zip(_tree.leaf_paths(packed), jax.tree_util.tree_leaves(packed),
+                        jax.tree_util.tree_leaves(like)):
+    if not is_packed(w):
+      raise TypeError(f"unpack_keep takes packed words, got {w.dtype} at {path!r} "
+                      "(a bool mask is already unpacked)")
+    n = (jnp.shape(x) or (1,))[-1]
+    words = np.asarray(w)
+    bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    if words.size and bits[..., n:].any():
+      raise ValueError(f"packed mask at {path!r} has bits set past the {n} entries of the "
+                       "last axis of like: it was packed for another shape")
   return jax.tree_util.tree_map(
       lambda w, x: unpack_leaf(jnp.asarray(w), jnp.shape(x)), packed, like)
 

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MODES = ("vanilla", "F", "D", "random", "dynamic")
+BACKENDS = ("nnx", "hf-flax")
 SELECTION = "selection"  # the name of the selection split among the evaluation splits
 
 
@@ -82,6 +83,7 @@ class TrainConfig:
   mesh: str | None = None  # "data=N,fsdp=M"; None: data parallelism over every device
   dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
   grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
+  backend: str = "nnx"  # "nnx": childtune_jax.models; "hf-flax": transformers' Flax classes
 
 
 def resolve_model_path(name: str) -> str:
@@ -123,6 +125,150 @@ def load_model(name: str, num_labels: int, seed: int, dtype: Any = jnp.float32
         lambda x: x.astype(jnp.float32) if x.dtype in (jnp.float16, jnp.bfloat16) else x,
         model.params)
   return model, tokenizer
+
+
+@dataclasses.dataclass
+class Classifier:
+  """What a run needs of a model, whichever implementation it is.
+
+  Attributes:
+    params: the parameters, a nested dict named as Hugging Face Flax names them.
+    apply: ``apply(params, batch, dropout_rng=None) -> logits``; dropout on with a key.
+    save: ``save(folder, params)`` writes the fine-tuned model in Hugging Face's layout.
+  """
+
+  params: Any
+  apply: Any
+  save: Any
+
+
+def load_classifier(name: str, num_labels: int, seed: int, dtype: Any = jnp.float32,
+                    backend: str = "nnx") -> tuple[Classifier, Any]:
+  """A :class:`Classifier` and its tokenizer from a local folder (or the hub, with a network).
+
+  ``backend="nnx"`` builds :class:`childtune_jax.models.SequenceClassifier` (BERT, RoBERTa,
+  ELECTRA; safetensors or Flax weights, no torch, any transformers version);
+  ``"hf-flax"`` uses transformers' Flax classes (transformers < 5 only).
+  """
+  if backend == "hf-flax":
+    require_hf_flax()
+    model, tokenizer = load_model(name, num_labels, seed, dtype)
+
+    def apply(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+      return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                   params=params, dropout_rng=dropout_rng, train=dropout_rng is not None).logits
+
+    def save(folder: str, params: Any) -> None:
+      model.save_pretrained(folder, params=jax.device_get(params))
+      tokenizer.save_pretrained(folder)
+
+    return Classifier(model.params, apply, save), tokenizer
+  return _load_nnx(name, num_labels, seed, dtype)
+
+
+def param_shapes(name: str, num_labels: int, backend: str = "nnx") -> Any:
+  """The shapes of a model's parameters (``jax.ShapeDtypeStruct`` leaves), without weights."""
+  path = resolve_model_path(name)
+  if backend == "hf-flax":
+    from transformers import AutoConfig, FlaxAutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    return FlaxAutoModelForSequenceClassification.from_config(
+        config, _do_init=False).params_shape_tree
+  from flax import nnx
+
+  from childtune_jax import models
+
+  cfg = models.EncoderConfig.from_file(os.path.join(path, "config.json"), num_labels=num_labels)
+  model = nnx.eval_shape(lambda: models.SequenceClassifier(cfg, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def load_tokenizer(path: str) -> Any:
+  """The tokenizer of a local model folder; a folder without tokenizer files is an error.
+
+  (transformers 5 would otherwise build an empty tokenizer that maps every word to
+  ``[UNK]``, silently.)
+  """
+  from transformers import AutoTokenizer
+
+  if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
+                                     for f in TOKENIZER_FILES):
+    raise ModelError(f"{path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+  tokenizer = AutoTokenizer.from_pretrained(path)
+  if len(tokenizer) < 10:
+    raise ModelError(f"the tokenizer in {path} has only {len(tokenizer)} tokens")
+  return tokenizer
+
+
+def require_hf_flax() -> None:
+  """Raises :class:`ModelError` unless transformers still has its Flax classes (< 5)."""
+  import transformers
+
+  if not hasattr(transformers, "FlaxAutoModelForSequenceClassification"):
+    raise ModelError(f"--backend hf-flax needs transformers < 5, which has Flax classes "
+                     f"(installed: {transformers.__version__}); use --backend nnx")
+
+
+def _local_folder(name: str) -> str:
+  path = resolve_model_path(name)
+  if os.path.isdir(path):
+    return path
+  if looks_like_path(path):
+    raise ModelError(f"model path {path} does not exist")
+  try:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                   "*.model", "flax_model.msgpack"])
+  except Exception as e:  # noqa: BLE001 - no network, no such repository, ...
+    raise ModelError(f"cannot load {path!r} from the Hugging Face hub ({type(e).__name__}); "
+                     "pass a local folder with --model DIR") from None
+
+
+def _load_nnx(name: str, num_labels: int, seed: int, dtype: Any) -> tuple[Classifier, Any]:
+  from flax import nnx
+
+  from childtune_jax import models
+
+  path = _local_folder(name)
+  try:
+    cfg = models.EncoderConfig.from_file(os.path.join(path, "config.json"), num_labels=num_labels)
+    model = models.SequenceClassifier(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+    tensors = models.loading.read_checkpoint(path)
+    if tensors is None:
+      logger.warning("%s has no weights: initialising the model at random", path)
+    else:
+      half = sorted({str(v.dtype) for v in tensors.values()} & {"float16", "bfloat16"})
+      if half:
+        logger.info("the checkpoint's weights are %s: training float32 master weights",
+                    "/".join(half))
+      models.load_params(model, tensors)
+    tokenizer = load_tokenizer(path)
+  except ModelError:
+    raise
+  except (models.ConfigError, models.CheckpointKeyError) as e:
+    raise ModelError(f"cannot load the model in {path}: {e}") from None
+  except Exception as e:  # noqa: BLE001 - corrupt files fail in many ways; all mean the same
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ModelError(f"cannot load the model in {path}: {type(e).__name__}: {first}") from None
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+
+  def apply(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+    rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
+    return nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"],
+                                        batch["token_type_ids"], rngs=rngs)
+
+  def save(folder: str, params: Any) -> None:
+    models.save_pretrained(nnx.merge(graphdef, jax.device_get(params)), folder)
+    tokenizer.save_pretrained(folder)
+
+  return Classifier(params, apply, save), tokenizer
 
 
 def _load_model(name: str, num_labels: int, seed: int, dtype: Any) -> tuple[Any, Any]:
@@ -284,16 +430,21 @@ class Checkpoints:
     if step is None:
       return None
     like = {"params": params, "opt_state": _keys_to_data(opt_state)}
-    if losses is not None and "losses" in self.manager.item_metadata(step).keys():
-      like["losses"] = np.asarray(losses, np.float32)
-    abstract = jax.tree_util.tree_map(self._ocp.utils.to_shape_dtype_struct, like)
     try:
+      if losses is not None and "losses" in self.manager.item_metadata(step).keys():
+        like["losses"] = np.asarray(losses, np.float32)
+      abstract = jax.tree_util.tree_map(self._ocp.utils.to_shape_dtype_struct, like)
       tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
     except (ValueError, TypeError, KeyError) as e:
       raise CheckpointError(
           f"the checkpoint in {self.manager.directory} does not fit this run's state "
-          f"(another configuration or version of childtune-jax?); delete it to start over "
-          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+          f"(another configuration or version of childtune-jax, or a damaged file); delete "
+          f"it to start over ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+      ) from None
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways
+      raise CheckpointError(
+          f"the checkpoint in {self.manager.directory} cannot be read ({type(e).__name__}); "
+          "delete it to start over") from None
     _check_restored(tree, like, self.manager.directory)
     return (step, tree["params"], _keys_from_data(tree["opt_state"], opt_state),
             np.asarray(tree["losses"]) if "losses" in tree else None)
@@ -393,7 +544,8 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
-  model, tokenizer = load_model(cfg.model, task.num_labels, init_seed, getattr(jnp, cfg.dtype))
+  model, tokenizer = load_classifier(cfg.model, task.num_labels, init_seed,
+                                    getattr(jnp, cfg.dtype), cfg.backend)
   pad_id = tokenizer.pad_token_id or 0
   evals = dict(evals) if cfg.eval_dev else {}
   if cfg.selection_samples:
@@ -408,9 +560,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   batch_sharding = parallel.batch_sharding(mesh)
   timings["load_s"] = time.perf_counter() - t0
 
-  def logits_fn(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
-    return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                 params=params, dropout_rng=dropout_rng, train=dropout_rng is not None).logits
+  logits_fn = model.apply
 
   def loss_fn(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
     logits = logits_fn(params, batch, dropout_rng).astype(jnp.float32)
@@ -616,8 +766,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
       model_dir = os.path.join(out_dir, "model")
       tmp = model_dir + ".tmp"
       shutil.rmtree(tmp, ignore_errors=True)
-      model.save_pretrained(tmp, params=jax.device_get(params))
-      tokenizer.save_pretrained(tmp)
+      model.save(tmp, params)
       shutil.rmtree(model_dir, ignore_errors=True)
       os.replace(tmp, model_dir)
     files.write_json(os.path.join(out_dir, "results.json"), results)

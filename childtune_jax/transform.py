@@ -59,6 +59,8 @@ def _canonical_key(key: Any) -> jax.Array:
   if key is None:
     raise TypeError("key is required: pass an int seed or a jax.random.key")
   if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    if not -(2**63) <= int(key) < 2**64:
+      raise ValueError(f"key must be a seed that fits in 64 bits, got {key}")
     return jax.random.key(int(key))
   if isinstance(key, jax.Array | np.ndarray):
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -237,7 +239,7 @@ def child_tuning_f(
     leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
     out = []
     for leaf_key, u, take in zip(leaf_keys, leaves, selected):
-      if not take:
+      if not take or not u.size:  # a zero-size leaf has nothing to mask
         out.append(u)
         continue
       keep, p = keep_mask_f(leaf_key, reserve_p, u.shape, sampler)

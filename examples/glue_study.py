@@ -48,7 +48,8 @@ def run_cell(task: str, mode: str, seeds: list[int], args: argparse.Namespace) -
   argv = ["train", "--task", task, *MODES[mode], "--reserve-p", str(p),
           "--data-dir", args.glue,
           "--max-seq-length", str(MAX_LEN[task]), "--seeds", *map(str, seeds),
-          "--no-save-model", "--save-every", "50", "--output-dir", out, "--resume"]
+          "--no-save-model", "--save-every", "50", "--output-dir", out, "--resume",
+          "--backend", args.backend]
   if mode == "random":  # the size of the seed's own D child network
     d_mask = os.path.join(args.out, task, "D", f"seed-{seeds[0]}", "child_mask.npz")
     if not os.path.exists(d_mask):
@@ -78,6 +79,9 @@ def main() -> None:
   parser.add_argument("--max-train-samples", type=_samples, default=1000,
                       help="training examples drawn per seed, or 'all' (default: 1000)")
   parser.add_argument("--model", help="default: the packaged all-MiniLM-L6-v2")
+  parser.add_argument("--backend", choices=("nnx", "hf-flax"), default="hf-flax",
+                      help="the model implementation (default hf-flax: the one the study's "
+                           "results were computed with)")
   parser.add_argument("--learning-rate", type=float,
                       help="the same for every mode; default: the reference's 4e-5")
   parser.add_argument(

@@ -21,25 +21,26 @@ import jax.numpy as jnp
 import optax
 
 from childtune_jax import data, files, fisher_information, fisher_mask, is_encoder_layer, jaccard
-from childtune_jax.train import DEFAULT_MODEL, load_model, save_keep
+from childtune_jax.models import FAMILIES
+from childtune_jax.train import BACKENDS, DEFAULT_MODEL, load_classifier, save_keep
 
 
 def child_network(task: data.Task, train: data.Examples, data_seed: int, head_seed: int,
                   args: argparse.Namespace, head_steps: int) -> dict:
   """D's network for one (data seed, head seed) pair after ``head_steps`` head-only steps."""
-  model, tokenizer = load_model(args.model, task.num_labels, head_seed)
+  model, tokenizer = load_classifier(args.model, task.num_labels, head_seed,
+                                    backend=args.backend)
   pad_id = tokenizer.pad_token_id or 0
   enc = data.encode(tokenizer, data.subsample(train, args.max_train_samples, data_seed),
                     args.max_seq_length)
 
   def loss_fn(params, batch):
-    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                   params=params, train=False).logits.astype(jnp.float32)
+    logits = model.apply(params, batch).astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return jnp.sum(losses * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
   params = model.params  # the pretrained encoder and pooler, and the new random classifier
-  head = {k: v for k, v in params.items() if k != model.base_model_prefix}
+  head = {k: v for k, v in params.items() if k not in FAMILIES}  # all but the backbone
   tx = optax.adamw(args.head_lr, eps=1e-6, weight_decay=0.01)
 
   @jax.jit
@@ -69,6 +70,8 @@ def main() -> None:
   parser.add_argument("--glue", required=True, help="folder with the GLUE TSV tasks")
   parser.add_argument("--task", default="sst2")
   parser.add_argument("--model", default=DEFAULT_MODEL)
+  parser.add_argument("--backend", choices=BACKENDS, default="nnx",
+                      help="the model implementation, as childtune train --backend")
   parser.add_argument("--pairs", nargs="+", default=["42:42", "42:52", "52:42"],
                       help="DATA_SEED:HEAD_SEED pairs")
   parser.add_argument("--head-steps", type=int, nargs="+", default=[0, 100])

@@ -109,7 +109,8 @@ class Study:
             "--selection-samples", str(SELECTION_SAMPLES),
             "--max-seq-length", str(MAX_LEN[self.task]), "--learning-rate", f"{lr:g}",
             "--epochs", str(epochs), "--seeds", str(seed), "--no-save-model",
-            "--save-every", "100", "--output-dir", out, "--resume", *extra]
+            "--save-every", "100", "--output-dir", out, "--resume", *extra,
+            "--backend", self.args.backend]
     if self.args.model:
       argv += ["--model", self.args.model]
     if self.args.compilation_cache:
@@ -182,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       choices=sorted(MAX_LEN))
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
   parser.add_argument("--model", help="default: the packaged all-MiniLM-L6-v2")
+  parser.add_argument("--backend", choices=("nnx", "hf-flax"), default="hf-flax",
+                      help="the model implementation (default hf-flax: every run of this "
+                           "study so far, so that a seed's head initialisation is the same)")
   parser.add_argument(
       "--compilation-cache", metavar="DIR",
       default=os.environ.get("JAX_COMPILATION_CACHE_DIR")

@@ -27,17 +27,22 @@ def test_train_sst2_saves_a_loadable_model_and_true_accuracy(tmp_path):
   res = _results(out)
   assert res["config"]["mode"] == "F" and res["steps"] == 4  # 32 examples / 8
   assert set(res["versions"]) >= {"jax", "optax", "flax", "transformers"}
-  # Reload with from_pretrained and score the dev set independently of the CLI's loop.
-  from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
+  # Reload the saved folder and score the dev set one sentence at a time, independently of
+  # the CLI's batched, padded loop.
+  from transformers import AutoTokenizer
+
+  from childtune_jax.models import from_pretrained
 
   model_dir = os.path.join(out, "seed-42", "model")
-  model = FlaxAutoModelForSequenceClassification.from_pretrained(model_dir)
+  model, initialised = from_pretrained(model_dir, num_labels=2)
+  assert initialised == []
   tok = AutoTokenizer.from_pretrained(model_dir)
   dev = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
   correct = 0
   for text, label in zip(dev.texts[0], dev.labels):
     enc = tok([text], truncation=True, max_length=32, return_tensors="np")
-    correct += int(np.argmax(model(**enc).logits[0]) == label)
+    logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    correct += int(np.argmax(logits[0]) == label)
   assert res["metrics"]["dev"]["accuracy"] == pytest.approx(correct / len(dev))
   with open(os.path.join(out, "summary.json")) as f:
     summary = json.load(f)
@@ -139,12 +144,12 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
   assert cli.main(args + ["--output-dir", part, "--resume"]) == 0
   assert _results(part)["metrics"] == _results(full)["metrics"]
   assert _results(part)["train_loss_last_epoch"] == _results(full)["train_loss_last_epoch"]
-  from transformers import FlaxAutoModelForSequenceClassification
+  from childtune_jax.models import read_safetensors
 
-  load = FlaxAutoModelForSequenceClassification.from_pretrained
-  a, b = (load(os.path.join(d, "seed-42", "model")) for d in (full, part))
-  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  a, b = (read_safetensors(os.path.join(d, "seed-42", "model")) for d in (full, part))
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
 
 
 def _bad(tmp_path, capsys, argv, message):
@@ -266,13 +271,13 @@ def test_overlap_plot_without_matplotlib_fails_before_any_work(tmp_path, capsys,
 
 def test_init_seed_sets_the_head_initialisation_apart_from_the_seed(tmp_path, monkeypatch):
   calls = []
-  load_model = train.load_model
+  load_classifier = train.load_classifier
 
   def spy(name, num_labels, seed, *rest):
     calls.append(seed)
-    return load_model(name, num_labels, seed, *rest)
+    return load_classifier(name, num_labels, seed, *rest)
 
-  monkeypatch.setattr(train, "load_model", spy)
+  monkeypatch.setattr(train, "load_classifier", spy)
   out = str(tmp_path / "run")
   argv = ["train", "--task", "sst2", "--mode", "vanilla", *FAST, "--no-save-model",
           "--max-train-samples", "8"]

@@ -141,7 +141,8 @@ def test_analyze_study_fails_clearly_without_runs(tmp_path, monkeypatch, capsys)
 def test_glue_study_pairs_random_with_d_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
   study = _load("glue_study")
   out = str(tmp_path)
-  argv = ["glue_study", "--glue", GLUE, "--out", out, "--model", TINY, "--tasks", "sst2",
+  argv = ["glue_study", "--glue", GLUE, "--out", out, "--model", TINY, "--backend", "nnx",
+          "--tasks", "sst2",
           "--seeds", "7", "--max-train-samples", "16", "--learning-rate", "1e-3",
           "--compilation-cache", str(tmp_path / "xla")]
   # random before D is skipped (no D network to match yet), and after D it matches it.

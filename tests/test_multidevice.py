@@ -129,20 +129,25 @@ def test_half_precision_checkpoint_trains_float32_master_weights(tmp_path, caplo
 
   import jax
   import jax.numpy as jnp
+  from flax import nnx
+  from safetensors.numpy import save_file
 
-  from childtune_jax import train
+  from childtune_jax import models, train
 
   caplog.set_level(logging.INFO, logger="childtune_jax.train")
-  model, _ = train.load_model(TINY, 2, 0)
+  cfg = models.EncoderConfig.from_file(os.path.join(TINY, "config.json"), num_labels=2)
   half = tmp_path / "half"
-  model.params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float16), model.params)
-  model.save_pretrained(str(half), params=model.params)
+  models.save_pretrained(models.SequenceClassifier(cfg, rngs=nnx.Rngs(0)), str(half))
+  tensors = models.to_pytorch_layout(models.SequenceClassifier(cfg, rngs=nnx.Rngs(0)))
+  save_file({k: v.astype(np.float16) for k, v in tensors.items()},
+            str(half / "model.safetensors"))
   for name in ("vocab.txt", "tokenizer_config.json"):
     shutil.copy(os.path.join(TINY, name), half / name)
-  loaded, _ = train.load_model(str(half), 2, 0, jnp.bfloat16)
-  assert {x.dtype for x in jax.tree_util.tree_leaves(loaded.params)} == {jnp.dtype("float32")}
+  model, _ = train.load_classifier(str(half), 2, 0, jnp.bfloat16)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(model.params)} == {jnp.dtype("float32")}
+  for value in models.read_safetensors(str(half)).values():  # stored in half precision
+    assert value.dtype == np.float16
   assert "float16" in caplog.text and "float32 master weights" in caplog.text
-  assert loaded.dtype == jnp.bfloat16  # computes in bfloat16
   out = str(tmp_path / "bf16")
   assert cli.main([*BASE, "--mode", "F", "--model", str(half), "--dtype", "bfloat16",
                    "--output-dir", out]) == 0

@@ -54,7 +54,7 @@ def test_tuned_study_selects_on_the_selection_split_and_tests_once(tmp_path, mon
 
   monkeypatch.setattr(cli, "main", counting)
   out = str(tmp_path / "tuned")
-  argv = ["--glue", GLUE, "--out", out, "--model", TINY, "--tasks", "sst2",
+  argv = ["--glue", GLUE, "--out", out, "--model", TINY, "--backend", "nnx", "--tasks", "sst2",
           "--methods", "vanilla", "D", "--compilation-cache", ""]
   study.main(argv)
   root = os.path.join(out, "sst2")

@@ -29,7 +29,11 @@ class CheckpointKeyError(ValueError):
 
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
   """Every tensor of ``model.safetensors`` (or its shards, by the index) as NumPy arrays."""
-  from safetensors.numpy import load_file
+  from safetensors import safe_open
+
+  def load_file(path: str) -> dict[str, np.ndarray]:  # flax framework: bfloat16 too
+    with safe_open(path, framework="flax") as f:
+      return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118
 
   single = os.path.join(folder, "model.safetensors")
   if os.path.exists(single):
@@ -166,6 +170,48 @@ def save_pretrained(model: SequenceClassifier, folder: str, config: dict | None 
             metadata={"format": "pt"})
 
 
+def read_flax_msgpack(folder: str) -> dict[str, np.ndarray]:
+  """A Hugging Face Flax checkpoint (``flax_model.msgpack``, or its shards) in on-disk names.
+
+  Flax checkpoints already use the modules' names; they are returned in the PyTorch
+  layout so that one loader serves both.
+  """
+  from flax.serialization import msgpack_restore
+
+  single = os.path.join(folder, "flax_model.msgpack")
+  files = [single]
+  if not os.path.exists(single):
+    with open(os.path.join(folder, "flax_model.msgpack.index.json")) as f:
+      files = [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+  out: dict[str, np.ndarray] = {}
+  for path in files:
+    with open(path, "rb") as f:
+      tree = msgpack_restore(f.read())
+    for key, value in _flat(tree).items():
+      *mods, name = key
+      value = np.asarray(value)
+      if name == "kernel":
+        name, value = "weight", value.T
+      elif name in ("embedding", "scale"):
+        name = "weight"
+      out[".".join([*mods, name])] = value
+  return out
+
+
+def read_checkpoint(folder: str) -> dict[str, np.ndarray] | None:
+  """The tensors of a folder's safetensors or Flax weights; ``None`` if it has none."""
+  names = set(os.listdir(folder))
+  if names & {"model.safetensors", "model.safetensors.index.json"}:
+    return read_safetensors(folder)
+  if names & {"flax_model.msgpack", "flax_model.msgpack.index.json"}:
+    return read_flax_msgpack(folder)
+  other = sorted(n for n in names if n.endswith((".bin", ".h5", ".ckpt.index", ".pt")))
+  if other:
+    raise CheckpointKeyError(f"{folder}: cannot read {other} without their frameworks; "
+                             "save the weights as model.safetensors")
+  return None
+
+
 def from_pretrained(folder: str, num_labels: int, *, seed: int = 0, dtype: Any = None
                     ) -> tuple[SequenceClassifier, list[str]]:
   """An NNX classifier from a local Hugging Face folder; the head is new unless saved.
@@ -176,5 +222,8 @@ def from_pretrained(folder: str, num_labels: int, *, seed: int = 0, dtype: Any =
 
   cfg = EncoderConfig.from_file(os.path.join(folder, "config.json"), num_labels=num_labels)
   model = SequenceClassifier(cfg, rngs=nnx.Rngs(seed), dtype=dtype or jnp.float32)
-  left = load_params(model, read_safetensors(folder))
+  tensors = read_checkpoint(folder)
+  if tensors is None:
+    raise CheckpointKeyError(f"{folder} has no weights")
+  left = load_params(model, tensors)
   return model, left
