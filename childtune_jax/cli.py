@@ -98,7 +98,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--compilation-cache", metavar="DIR",
                  help="keep XLA's compiled programs in DIR (JAX's persistent compilation "
                       "cache), so that later runs and seeds with the same shapes skip "
-                      "compiling (default: $JAX_COMPILATION_CACHE_DIR if set, else none)")
+                      "compiling (default: $JAX_COMPILATION_CACHE_DIR if set, else "
+                      "~/.cache/childtune-jax/xla; '' for none)")
   p.add_argument("--sampler", choices=SAMPLERS, default=SAMPLERS[0],
                  help="how F draws its masks (default hash8: fastest; bernoulli: exact p)")
   p.add_argument("--freeze-non-child", action="store_true",
@@ -327,6 +328,14 @@ def _other_seeds(out: str, results: dict[int, dict], cfg: Any) -> dict[int, dict
   return found
 
 
+def default_cache_dir() -> str:
+  """``$JAX_COMPILATION_CACHE_DIR``, else ``childtune-jax/xla`` in the user's cache folder."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "childtune-jax", "xla")
+
+
 @contextlib.contextmanager
 def _compilation_cache(path: str | None) -> Iterator[None]:
   """JAX's persistent compilation cache in ``path`` while the block runs (``None``: as set)."""
@@ -486,6 +495,15 @@ def train_command(args: argparse.Namespace) -> dict:
   cache = getattr(args, "compilation_cache", None)
   if cache:
     _writable(cache, "--compilation-cache")
+  elif cache is None:  # on by default, where it can be written
+    cache = default_cache_dir()
+    try:
+      _writable(cache, "--compilation-cache")
+    except UsageError:
+      logger.info("no compilation cache: %s is not writable", cache)
+      cache = None
+  else:
+    cache = None  # '': off
   if args.mode == "F" and args.sampler != "bernoulli":
     levels = 2**16 if args.sampler == "uint16" else 2**8
     if round(args.reserve_p * levels) < 1:

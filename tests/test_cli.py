@@ -341,6 +341,7 @@ def test_compilation_cache_is_used_and_changes_no_number(tmp_path):
       assert cli.main(argv_cached) == 0
       if name == "write":
         written = sorted(os.listdir(cache))
+        jax.clear_caches()  # as a new process: only the persistent cache remembers
   finally:
     jax.monitoring.unregister_event_listener(count)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
@@ -353,3 +354,21 @@ def test_compilation_cache_is_used_and_changes_no_number(tmp_path):
   write, read = (_results(str(tmp_path / n)) for n in ("write", "read"))
   assert read["metrics"] == write["metrics"]
   assert read["train_loss_last_epoch"] == write["train_loss_last_epoch"]
+
+
+def test_compilation_cache_is_on_by_default_and_off_with_empty(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # tiny model: cache all
+  try:
+    argv = ["train", "--task", "sst2", "--mode", "vanilla", *FAST, "--no-save-model",
+            "--max-train-samples", "8"]
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "a"), "--compilation-cache",
+                     ""]) == 0
+    assert not (tmp_path / "xdg").exists()
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "b")]) == 0
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+  cache = tmp_path / "xdg" / "childtune-jax" / "xla"
+  assert any(n.endswith("-cache") for n in os.listdir(cache))

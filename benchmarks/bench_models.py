@@ -1,0 +1,120 @@
+"""Our NNX BERT against transformers' Flax BERT: the same jitted train step, side by side.
+
+Forward, backward, gradient clip and AdamW on random-init models of the same config (the
+NNX model takes the HF model's weights, so both compute the same function), cases interleaved
+over rounds in one process, and the first step (compile included). Needs transformers < 5
+for the HF side.
+
+  python benchmarks/bench_models.py --jsonl benchmarks/results/models.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from bench_train_step import SIZES
+from flax import nnx
+
+from childtune_jax.models import EncoderConfig, SequenceClassifier, load_params
+
+
+def pytorch_layout(params: dict) -> dict:
+  out = {}
+  for path, v in flax.traverse_util.flatten_dict(params).items():
+    *mods, name = path
+    v = np.asarray(v)
+    if name == "kernel":
+      name, v = "weight", v.T
+    elif name in ("embedding", "scale"):
+      name = "weight"
+    out[".".join([*mods, name])] = v
+  return out
+
+
+def measure(size: str, batch: int, seq: int, reps: int, rounds: int) -> list[dict]:
+  from transformers import BertConfig, FlaxBertForSequenceClassification
+
+  cfg = dict(vocab_size=30522, num_labels=2, **SIZES[size])
+  hf = FlaxBertForSequenceClassification(BertConfig(**cfg), seed=0)
+  nnx_model = SequenceClassifier(EncoderConfig("bert", **cfg), rngs=nnx.Rngs(0))
+  load_params(nnx_model, pytorch_layout(hf.params))  # the same weights: the same function
+  graphdef, state = nnx.split(nnx_model)
+  rng = np.random.default_rng(0)
+  data = {"input_ids": rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
+          "attention_mask": np.ones((batch, seq), np.int32),
+          "token_type_ids": np.zeros((batch, seq), np.int32),
+          "labels": rng.integers(0, 2, batch).astype(np.int32)}
+
+  def hf_apply(p, b, k):
+    return hf(b["input_ids"], b["attention_mask"], b["token_type_ids"], params=p,
+              dropout_rng=k, train=True).logits
+
+  def nnx_apply(p, b, k):
+    return nnx.merge(graphdef, p)(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                  rngs=nnx.Rngs(dropout=k))
+
+  applies = {"hf-flax": (hf_apply, hf.params), "nnx": (nnx_apply, nnx.to_pure_dict(state))}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(4e-5))
+
+  def make_step(apply):
+    def step(p, s, b, i):
+      def objective(p):
+        logits = apply(p, b, jax.random.fold_in(jax.random.key(0), i))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+      value, g = jax.value_and_grad(objective)(p)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s, value
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  steps, states, first = {}, {}, {}
+  for name, (apply, params) in applies.items():
+    steps[name] = make_step(apply)
+    p = jax.tree_util.tree_map(jnp.copy, params)
+    t = time.perf_counter()
+    p, s, _ = steps[name](p, tx.init(p), data, 0)
+    jax.block_until_ready(p)
+    states[name], first[name] = (p, s), time.perf_counter() - t
+  times: dict[str, list[float]] = {n: [] for n in applies}
+  for _ in range(rounds):  # interleaved, so that drifts in speed hit both alike
+    for name in applies:
+      p, s = states[name]
+      for i in range(reps):
+        t = time.perf_counter()
+        p, s, value = steps[name](p, s, data, i + 1)
+        value.block_until_ready()
+        times[name].append(time.perf_counter() - t)
+      states[name] = (p, s)
+  base = float(np.median(times["hf-flax"]))
+  return [{"case": f"train step {name}", "size": size, "batch": batch, "seq": seq,
+           "ms": 1000 * float(np.median(times[name])),
+           "ratio_to_hf_flax": float(np.median(times[name])) / base,
+           "first_step_s": first[name], "device": jax.devices()[0].device_kind,
+           "jax": jax.__version__} for name in applies]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", nargs="+", default=["minilm:16x64", "base:16x128"])
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--jsonl")
+  args = parser.parse_args()
+  for spec in args.shapes:
+    size, shape = spec.split(":")
+    batch, seq = map(int, shape.split("x"))
+    for row in measure(size, batch, seq, args.reps, args.rounds):
+      print(json.dumps(row), flush=True)
+      if args.jsonl:
+        with open(args.jsonl, "a") as f:
+          f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  main()
