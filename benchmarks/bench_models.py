@@ -14,7 +14,6 @@ import argparse
 import json
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,19 +22,7 @@ from bench_train_step import SIZES
 from flax import nnx
 
 from childtune_jax.models import EncoderConfig, SequenceClassifier, load_params
-
-
-def pytorch_layout(params: dict) -> dict:
-  out = {}
-  for path, v in flax.traverse_util.flatten_dict(params).items():
-    *mods, name = path
-    v = np.asarray(v)
-    if name == "kernel":
-      name, v = "weight", v.T
-    elif name in ("embedding", "scale"):
-      name = "weight"
-    out[".".join([*mods, name])] = v
-  return out
+from childtune_jax.models.loading import flax_to_pytorch_layout
 
 
 def measure(size: str, batch: int, seq: int, reps: int, rounds: int) -> list[dict]:
@@ -44,7 +31,7 @@ def measure(size: str, batch: int, seq: int, reps: int, rounds: int) -> list[dic
   cfg = dict(vocab_size=30522, num_labels=2, **SIZES[size])
   hf = FlaxBertForSequenceClassification(BertConfig(**cfg), seed=0)
   nnx_model = SequenceClassifier(EncoderConfig("bert", **cfg), rngs=nnx.Rngs(0))
-  load_params(nnx_model, pytorch_layout(hf.params))  # the same weights: the same function
+  load_params(nnx_model, flax_to_pytorch_layout(hf.params))  # the same weights: the same function
   graphdef, state = nnx.split(nnx_model)
   rng = np.random.default_rng(0)
   data = {"input_ids": rng.integers(1000, 30000, (batch, seq)).astype(np.int32),

@@ -337,11 +337,11 @@ def test_compilation_cache_is_used_and_changes_no_number(tmp_path):
   jax.monitoring.register_event_listener(count)
   try:
     for name in ("write", "read"):
+      jax.clear_caches()  # each run as a new process: only the persistent cache remembers
       argv_cached = [*argv, "--output-dir", str(tmp_path / name), "--compilation-cache", str(cache)]
       assert cli.main(argv_cached) == 0
       if name == "write":
         written = sorted(os.listdir(cache))
-        jax.clear_caches()  # as a new process: only the persistent cache remembers
   finally:
     jax.monitoring.unregister_event_listener(count)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)

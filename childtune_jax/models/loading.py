@@ -134,17 +134,7 @@ def load_params(model: SequenceClassifier, tensors: dict[str, np.ndarray],
 
 def to_pytorch_layout(model: SequenceClassifier) -> dict[str, np.ndarray]:
   """The model's parameters under Hugging Face's PyTorch names and layouts."""
-  _, state = nnx.split(model, nnx.Param)
-  out = {}
-  for path, value in _flat(nnx.to_pure_dict(state)).items():
-    value = np.asarray(value)
-    *mods, name = path
-    if name == "kernel":
-      name, value = "weight", value.T
-    elif name == "embedding" or name == "scale":
-      name = "weight"
-    out[".".join([*mods, name])] = np.ascontiguousarray(value)
-  return out
+  return flax_to_pytorch_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def save_pretrained(model: SequenceClassifier, folder: str, config: dict | None = None) -> None:
@@ -186,15 +176,20 @@ def read_flax_msgpack(folder: str) -> dict[str, np.ndarray]:
   out: dict[str, np.ndarray] = {}
   for path in files:
     with open(path, "rb") as f:
-      tree = msgpack_restore(f.read())
-    for key, value in _flat(tree).items():
-      *mods, name = key
-      value = np.asarray(value)
-      if name == "kernel":
-        name, value = "weight", value.T
-      elif name in ("embedding", "scale"):
-        name = "weight"
-      out[".".join([*mods, name])] = value
+      out.update(flax_to_pytorch_layout(msgpack_restore(f.read())))
+  return out
+
+
+def flax_to_pytorch_layout(tree: dict) -> dict[str, np.ndarray]:
+  """A nested dict named as the modules name it, under PyTorch names and layouts."""
+  out = {}
+  for (*mods, name), value in _flat(tree).items():
+    value = np.asarray(value)
+    if name == "kernel":
+      name, value = "weight", value.T
+    elif name in ("embedding", "scale"):
+      name = "weight"
+    out[".".join([*mods, name])] = np.ascontiguousarray(value)
   return out
 
 
