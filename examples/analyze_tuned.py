@@ -107,17 +107,20 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
   import matplotlib.pyplot as plt
 
   n = len(tasks)
-  fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+  fig, axes = plt.subplots(1, n, figsize=(max(5.5, 4.5 * n), 3.8), squeeze=False)
   for ax, (task, info) in zip(axes[0], tasks.items()):
     for method, g in info["grid"].items():
       pts = sorted(p for p in g if p[1] == 3)
       ax.plot([p[0] for p in pts], [100 * np.mean(g[p]) for p in pts], "o-", label=method)
     ax.set_xscale("log")
+    lrs = sorted({p[0] for g in info["grid"].values() for p in g})
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], rotation=30)
+    ax.minorticks_off()
     ax.set_xlabel("learning rate (3 epochs)")
     ax.set_ylabel(f"selection {METRIC[task]}")
     ax.set_title(task)
     ax.legend(fontsize=8)
-  fig.suptitle("Sensitivity: mean selection score over the selection seeds")
+  fig.suptitle("Mean selection score over the selection seeds", fontsize=10)
   fig.tight_layout()
   files.save_figure(fig, os.path.join(out, "sensitivity.png"), dpi=110)
   plt.close(fig)
@@ -131,7 +134,7 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
         losses = np.array(runs[seed]["train_losses"], dtype=float)
         window = max(1, len(losses) // 30)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(smooth, label=f"{method} (lr {choice['learning_rate']:g})")
+        ax.plot(smooth, label=f"{method} (lr {choice['learning_rate']:g}, {choice['epochs']} ep)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (moving mean)")
     ax.set_title(f"{task}, selection seed at the chosen point")
