@@ -325,9 +325,14 @@ def weight_files(path: str) -> set[str]:
   return found
 
 
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def _all_finite(tree: Any) -> bool:
-  return bool(jax.jit(lambda t: jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(t)])))(tree))
+  """Whether every parameter is finite; one compiled check, reused at every epoch and save."""
+  return bool(_finite(tree))
 
 
 def linear_warmup_decay(learning_rate: float, total: int, warmup_ratio: float) -> optax.Schedule:
