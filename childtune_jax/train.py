@@ -335,6 +335,18 @@ def _all_finite(tree: Any) -> bool:
   return bool(_finite(tree))
 
 
+STREAMS = ("dropout", "child")  # the random streams a run draws from, each its own
+
+
+def stream_key(seed: int, stream: str) -> jax.Array:
+  """The base key of one random stream of the run with ``seed``.
+
+  Each stream folds a distinct tag into ``key(seed)``, so that step ``s`` of the dropout
+  stream and draw ``s`` of Child-Tuning_F's masks never share a key.
+  """
+  return jax.random.fold_in(jax.random.key(seed), STREAMS.index(stream) + 1)
+
+
 def linear_warmup_decay(learning_rate: float, total: int, warmup_ratio: float) -> optax.Schedule:
   """Hugging Face's linear schedule with warmup, as the reference's vanilla run uses it."""
   warmup = math.ceil(total * warmup_ratio)
@@ -627,7 +639,8 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   if cfg.mode == "vanilla":
     core = optax.adamw(schedule, mask=default_weight_decay_mask, **adamw_kwargs)
   elif cfg.mode == "F":
-    core = child_tuning_adamw(schedule, mode="F", reserve_p=cfg.reserve_p, key=cfg.seed,
+    core = child_tuning_adamw(schedule, mode="F", reserve_p=cfg.reserve_p,
+                              key=stream_key(cfg.seed, "child"),
                               sampler=cfg.sampler, freeze_non_child=cfg.freeze_non_child,
                               **adamw_kwargs)
   elif cfg.mode == "dynamic":
@@ -653,7 +666,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   param_shardings = parallel.shardings_by_shape(mesh, params)
   state_shardings = parallel.shardings_by_shape(mesh, opt_state)
   opt_state = jax.device_put(opt_state, state_shardings)
-  dropout_key = jax.random.key(cfg.seed)
+  dropout_key = stream_key(cfg.seed, "dropout")
 
   @partial(jax.jit, donate_argnums=(0, 1),
            out_shardings=(param_shardings, state_shardings, parallel.replicated(mesh)))

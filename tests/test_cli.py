@@ -372,3 +372,26 @@ def test_compilation_cache_is_on_by_default_and_off_with_empty(tmp_path, monkeyp
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
   cache = tmp_path / "xdg" / "childtune-jax" / "xla"
   assert any(n.endswith("-cache") for n in os.listdir(cache))
+
+
+def test_dropout_and_child_tuning_f_draw_from_their_own_streams(tmp_path, monkeypatch):
+  # Per step s, dropout uses fold_in(dropout, s) and F's mask fold_in(child, s): the bases
+  # differ, so no step of one stream repeats a key of the other (checked over a long run).
+  for seed in (0, 1, 42):
+    bases = [train.stream_key(seed, name) for name in train.STREAMS]
+    streams = [jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(k, np.arange(5000)))
+               for k in bases]
+    words = [{tuple(map(int, w)) for w in np.asarray(s)} for s in streams]
+    assert len(words[0]) == len(words[1]) == 5000 and not words[0] & words[1]
+  # ... and the run hands each consumer its own stream.
+  asked, f_keys = [], []
+  real_stream, real_f = train.stream_key, train.child_tuning_adamw
+  monkeypatch.setattr(train, "stream_key", lambda s, n: asked.append((s, n)) or real_stream(s, n))
+  monkeypatch.setattr(train, "child_tuning_adamw",
+                      lambda *a, **k: f_keys.append(k["key"]) or real_f(*a, **k))
+  out = str(tmp_path / "run")
+  assert cli.main(["train", "--task", "sst2", "--mode", "F", *FAST, "--seeds", "7",
+                   "--no-save-model", "--output-dir", out]) == 0
+  assert sorted(asked) == [(7, "child"), (7, "dropout")]
+  np.testing.assert_array_equal(jax.random.key_data(f_keys[0]),
+                                jax.random.key_data(real_stream(7, "child")))
