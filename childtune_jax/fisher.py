@@ -13,6 +13,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from childtune_jax.parallel import to_host
+
 LossFn = Callable[[optax.Params, Any], jax.Array]
 
 
@@ -176,7 +178,7 @@ def fisher_information(
     padded = -(-size // chunk) * chunk
     weights = np.asarray(np.arange(padded) < size, np.float32)
     if weights_key is not None:
-      given = np.asarray(batch[weights_key], np.float32).reshape(-1)
+      given = to_host(batch[weights_key]).astype(np.float32).reshape(-1)  # all processes' rows
       if given.shape != (size,) or not np.all(np.isfinite(given)) or np.any(given < 0):
         raise ValueError(f"batch[{weights_key!r}] must hold {size} finite weights >= 0")
       weights[:size] *= given

@@ -14,6 +14,7 @@ import optax
 
 from childtune_jax import _tree
 from childtune_jax import packing as _packing
+from childtune_jax.parallel import to_host
 from childtune_jax.transform import _canonical_key, _check_reserve_p
 
 
@@ -72,7 +73,7 @@ def _counts(leaves: list[jax.Array], *thresholds: np.float32) -> list[int]:
   """Scores ``>=`` each threshold, one leaf at a time (one leaf's temporaries alive)."""
   total = np.zeros(len(thresholds), np.int64)
   for x in leaves:
-    total += np.asarray(_count_leaf(x, np.asarray(thresholds, np.float32)), np.int64)
+    total += to_host(_count_leaf(x, np.asarray(thresholds, np.float32))).astype(np.int64)
   return [int(c) for c in total]
 
 
@@ -115,7 +116,7 @@ def _kth_largest_bracketed(
   """
   n = sum(x.size for x in leaves)
   stride = max(1, n // sample_size)
-  sample = np.sort(np.concatenate([np.asarray(x.reshape(-1)[::stride], np.float32)
+  sample = np.sort(np.concatenate([to_host(x.reshape(-1)[::stride]).astype(np.float32)
                                    for x in leaves]))[::-1]  # descending
   m = len(sample)
   rank = k / n * m  # expected position of the k-th largest in the sample
@@ -139,7 +140,7 @@ def _between(x: jax.Array, low: np.float32, high: np.float32, chunk: int = 1 << 
   flat = x.reshape(-1)
   out = []
   for start in range(0, flat.size, chunk):
-    part = np.asarray(flat[start:start + chunk], np.float32)
+    part = to_host(flat[start:start + chunk]).astype(np.float32)
     out.append(part[(part >= low) & (part < high)])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -275,7 +276,7 @@ def jaccard(keep_a: optax.Params, keep_b: optax.Params, *, where: _tree.Where = 
   _tree.check_structure("keep_b", keep_b, keep_a)
   inter = union = 0
   for a, b in zip(_selected_leaves(keep_a, where), _selected_leaves(keep_b, where)):
-    counts = np.asarray(_overlap_leaf(a, b), np.int64)
+    counts = to_host(_overlap_leaf(a, b)).astype(np.int64)
     inter, union = inter + int(counts[0]), union + int(counts[1])
   return 1.0 if union == 0 else inter / union
 
@@ -349,7 +350,7 @@ def random_keep(
     for i, m in enumerate(masks):
       local = ranks[(ranks >= starts[i]) & (ranks < starts[i + 1])] - starts[i]
       if local.size:
-        positions = np.flatnonzero(np.asarray(m).reshape(-1) == value)[local]
+        positions = np.flatnonzero(to_host(m).reshape(-1) == value)[local]
         masks[i] = m.reshape(-1).at[positions].set(not value).reshape(m.shape)
   it = iter(masks)
   out = [next(it) if take else jnp.ones(jnp.shape(x), bool) for x, take in zip(leaves, selected)]

@@ -91,11 +91,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def check_batch(mesh: Mesh, rows: int, what: str) -> None:
-  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_batch(mesh: Mesh | dict[str, int], rows: int, what: str) -> None:
+  """Raises :class:`MeshError` unless ``rows`` (a batch size) divides over the mesh's devices.
+
+  ``mesh``: a :class:`Mesh` or its axis sizes (as :func:`parse_mesh` returns them).
+  """
+  shape = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+  devices = shape["data"] * shape["fsdp"]
   if rows % devices:
-    raise MeshError(f"{what} {rows} does not divide over the mesh's {devices} devices "
-                    f"({dict(mesh.shape)}): use a multiple of {devices}")
+    raise MeshError(f"{what} {rows} does not divide over {devices} devices (mesh {shape}): "
+                    f"use a multiple of {devices}")
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -112,6 +117,27 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 def is_primary() -> bool:
   """Whether this process writes results (process 0 of a multi-host run)."""
   return jax.process_index() == 0
+
+
+def to_host(x: Any) -> np.ndarray:
+  """``x`` as a NumPy array, gathered from every process when it is split across them.
+
+  For an array sharded over several processes' devices this is a collective: every
+  process must call it, with the same array, in the same order.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier ``name`` (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 _DISTRIBUTED_ENV: tuple[tuple[str, Callable[[str], bool]], ...] = (
@@ -131,6 +157,8 @@ def initialize_if_distributed() -> bool:
   """
   if not any(check(os.environ.get(name, "")) for name, check in _DISTRIBUTED_ENV):
     return False
+  if jax.distributed.is_initialized():  # a second run in the same processes
+    return True
   kwargs = {}
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"]}
