@@ -1,4 +1,4 @@
 
-from childtune_jax.cli import console_main
+from childtune_jax.app.cli import console_main
 
 console_main()

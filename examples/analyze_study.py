@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from childtune_jax import files
+from childtune_jax.app import files
 
 METRIC = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "rte": "accuracy"}
 MODES = ["vanilla", "F", "D", "D-ref", "random"]
@@ -30,8 +30,8 @@ MODES = ["vanilla", "F", "D", "D-ref", "random"]
 
 def majority_scores(glue: str, tasks: list[str]) -> dict[str, dict[str, float]]:
   """Every dev metric of always predicting the training set's most frequent label."""
-  from childtune_jax import data
-  from childtune_jax.metrics import glue_metrics
+  from childtune_jax.app import data
+  from childtune_jax.app.metrics import glue_metrics
 
   out = {}
   for task in tasks:

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from analyze_study import paired_bootstrap  # noqa: E402
 
-from childtune_jax import files  # noqa: E402
+from childtune_jax.app import files  # noqa: E402
 
 METRIC = {"sst2": "accuracy", "cola": "matthews", "mrpc": "f1", "rte": "accuracy"}
 POINT = re.compile(r"lr(?P<lr>[0-9.e+-]+)-ep(?P<epochs>\d+)$")

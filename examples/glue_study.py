@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from childtune_jax import cli
+from childtune_jax.app import cli
 
 # The authors' per-task p (AliceMind issues); SST-2 has none stated: the default 0.3.
 P_F = {"cola": 0.2, "rte": 0.3, "mrpc": 0.4, "sst2": 0.3, "stsb": 0.2}

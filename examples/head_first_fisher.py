@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from childtune_jax import data, files, fisher_information, fisher_mask, is_encoder_layer, jaccard
+from childtune_jax import fisher_information, fisher_mask, is_encoder_layer, jaccard
+from childtune_jax.app import data, files
+from childtune_jax.app.checkpoints import save_keep
+from childtune_jax.app.loading import BACKENDS, DEFAULT_MODEL, load_classifier
 from childtune_jax.models import FAMILIES
-from childtune_jax.train import BACKENDS, DEFAULT_MODEL, load_classifier, save_keep
 
 
 def child_network(task: data.Task, train: data.Examples, data_seed: int, head_seed: int,

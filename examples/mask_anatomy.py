@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from childtune_jax import files
+from childtune_jax.app import files
 
 LAYER = re.compile(r"(?:^|/)layer/(\d+)/")
 

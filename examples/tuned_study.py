@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from childtune_jax import cli, files
+from childtune_jax.app import cli, files
 
 # The authors' per-task p (AliceMind issues); SST-2 has none stated: the default 0.3.
 P_F = {"cola": 0.2, "rte": 0.3, "mrpc": 0.4, "sst2": 0.3}

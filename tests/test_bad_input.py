@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from childtune_jax import child_tuning_f, cli, data, train
+from childtune_jax import child_tuning_f
+from childtune_jax.app import cli, data, loading
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")
@@ -336,8 +337,8 @@ def test_sharded_safetensors_load_like_one_file(tmp_path):
   (tmp_path / "bin-only").mkdir()
   shutil.copy(os.path.join(source, "config.json"), tmp_path / "bin-only")
   (tmp_path / "bin-only" / "pytorch_model.bin").write_bytes(b"torch pickle")
-  with pytest.raises(train.ModelError, match="pytorch_model.bin"):
-    train.load_classifier(str(tmp_path / "bin-only"), 2, 0)
+  with pytest.raises(loading.ModelError, match="pytorch_model.bin"):
+    loading.load_classifier(str(tmp_path / "bin-only"), 2, 0)
 
 
 def test_library_bad_input_is_refused_by_name():

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from childtune_jax import cli, data, files, train
+from childtune_jax.app import cli, data, files, loading, train
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")
@@ -271,13 +271,13 @@ def test_overlap_plot_without_matplotlib_fails_before_any_work(tmp_path, capsys,
 
 def test_init_seed_sets_the_head_initialisation_apart_from_the_seed(tmp_path, monkeypatch):
   calls = []
-  load_classifier = train.load_classifier
+  load_classifier = loading.load_classifier
 
   def spy(name, num_labels, seed, *rest):
     calls.append(seed)
     return load_classifier(name, num_labels, seed, *rest)
 
-  monkeypatch.setattr(train, "load_classifier", spy)
+  monkeypatch.setattr(loading, "load_classifier", spy)
   out = str(tmp_path / "run")
   argv = ["train", "--task", "sst2", "--mode", "vanilla", *FAST, "--no-save-model",
           "--max-train-samples", "8"]

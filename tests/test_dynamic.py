@@ -250,7 +250,7 @@ def test_where_selecting_nothing_and_dps_bad_p():
 def test_cli_dynamic_resumes_bitwise_with_its_network_history(tmp_path, monkeypatch):
   import os
 
-  from childtune_jax import cli, data
+  from childtune_jax.app import cli, data
 
   here = os.path.dirname(__file__)
   args = ["train", "--task", "mrpc", "--mode", "dynamic", "--every", "2", "--full-stage", "1",

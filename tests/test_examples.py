@@ -183,7 +183,7 @@ def test_f_step_size_against_a_numpy_adam():
 
 
 def test_head_first_fisher_at_zero_steps_is_the_cli_d_network(tmp_path, monkeypatch):
-  from childtune_jax import cli
+  from childtune_jax.app import cli
 
   head_first = _load("head_first_fisher")
   common = ["--max-train-samples", "16", "--max-seq-length", "64"]

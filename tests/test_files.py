@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from childtune_jax import files
+from childtune_jax.app import files
 
 
 def test_write_json_and_text_write_what_they_are_given(tmp_path):

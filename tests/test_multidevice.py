@@ -10,12 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
-from childtune_jax import cli
+from childtune_jax.app import cli
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")
@@ -24,29 +23,7 @@ BASE = ["train", "--task", "mrpc", "--model", TINY, "--data-dir", GLUE, "--epoch
         "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
         "--no-save-model"]
 
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax
-    from childtune_jax import cli, data, parallel
-
-    assert jax.device_count() == 8, jax.devices()
-    parallel.MIN_SHARDED_SIZE = 1  # shard every leaf that fsdp divides: the tiny model too
-    jobs = json.loads(sys.argv[1])
-    for job in jobs:
-        if job.get("die_at"):  # a run killed part-way, to resume on another mesh
-            real, calls = data.make_batch, {"n": 0}
-            def dying(*a, **k):
-                calls["n"] += 1
-                if calls["n"] == job["die_at"]:
-                    raise KeyboardInterrupt
-                return real(*a, **k)
-            data.make_batch = dying
-            assert cli.main(job["argv"]) == 130
-            data.make_batch = real
-        else:
-            assert cli.main(job["argv"]) == job.get("status", 0), job
-    print("MULTIDEVICE OK")
-""")
+RUN_JOBS = os.path.join(HERE, "fixtures", "run_jobs.py")
 
 
 def _results(out):
@@ -57,9 +34,9 @@ def _results(out):
 def _run8(jobs):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(jobs)], env=env,
+  proc = subprocess.run([sys.executable, RUN_JOBS, json.dumps(jobs), "8"], env=env,
                         capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0 and "MULTIDEVICE OK" in proc.stdout, proc.stderr[-3000:]
+  assert proc.returncode == 0 and "JOBS OK 0" in proc.stdout, proc.stderr[-3000:]
   return proc
 
 
@@ -132,9 +109,10 @@ def test_half_precision_checkpoint_trains_float32_master_weights(tmp_path, caplo
   from flax import nnx
   from safetensors.numpy import save_file
 
-  from childtune_jax import models, train
+  from childtune_jax import models
+  from childtune_jax.app import loading
 
-  caplog.set_level(logging.INFO, logger="childtune_jax.train")
+  caplog.set_level(logging.INFO, logger="childtune_jax.app.loading")
   cfg = models.EncoderConfig.from_file(os.path.join(TINY, "config.json"), num_labels=2)
   half = tmp_path / "half"
   models.save_pretrained(models.SequenceClassifier(cfg, rngs=nnx.Rngs(0)), str(half))
@@ -143,7 +121,7 @@ def test_half_precision_checkpoint_trains_float32_master_weights(tmp_path, caplo
             str(half / "model.safetensors"))
   for name in ("vocab.txt", "tokenizer_config.json"):
     shutil.copy(os.path.join(TINY, name), half / name)
-  model, _ = train.load_classifier(str(half), 2, 0, jnp.bfloat16)
+  model, _ = loading.load_classifier(str(half), 2, 0, jnp.bfloat16)
   assert {x.dtype for x in jax.tree_util.tree_leaves(model.params)} == {jnp.dtype("float32")}
   for value in models.read_safetensors(str(half)).values():  # stored in half precision
     assert value.dtype == np.float16

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from childtune_jax import cli, data
+from childtune_jax.app import cli, data
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from childtune_jax import cli, files
+from childtune_jax.app import cli, files
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")

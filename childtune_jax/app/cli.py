@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from childtune_jax import _tree, data, files
+from childtune_jax import _tree
+from childtune_jax.app import data, files
 
 logger = logging.getLogger("childtune")
-DEMO_DATA = os.path.join(os.path.dirname(__file__), "data")
+DEMO_DATA = os.path.join(os.path.dirname(__file__), "demo_data")
 
 
 class UsageError(Exception):
@@ -53,7 +54,8 @@ _fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-  from childtune_jax.train import DEFAULT_MODEL, MODES
+  from childtune_jax.app.loading import DEFAULT_MODEL
+  from childtune_jax.app.train import MODES
   from childtune_jax.transform import SAMPLERS
 
   p.add_argument("--mode", choices=MODES, required=True,
@@ -191,7 +193,7 @@ def _load_data(args: argparse.Namespace, task: data.Task):
 
 def _check_model(name: str, max_seq_length: int, backend: str = "nnx") -> None:
   """Fails early, before anything is written, on a model that cannot be found or used."""
-  from childtune_jax.train import ModelError, looks_like_path, resolve_model_path
+  from childtune_jax.app.loading import ModelError, looks_like_path, resolve_model_path
 
   path = resolve_model_path(name)
   if os.path.isfile(path):
@@ -208,7 +210,7 @@ def _check_model(name: str, max_seq_length: int, backend: str = "nnx") -> None:
     if not isinstance(config, dict):
       raise ModelError(f"{config_path} is not a JSON object")
     if backend == "hf-flax":
-      from childtune_jax.train import require_hf_flax
+      from childtune_jax.app.loading import require_hf_flax
 
       require_hf_flax()
       from transformers.models.auto.modeling_flax_auto import (
@@ -228,7 +230,7 @@ def _check_model(name: str, max_seq_length: int, backend: str = "nnx") -> None:
       if max_seq_length > positions:
         raise ModelError(f"--max-seq-length {max_seq_length} exceeds the {positions} positions "
                          f"of the model in {path}")
-    from childtune_jax.train import load_tokenizer
+    from childtune_jax.app.loading import load_tokenizer
 
     try:
       load_tokenizer(path)
@@ -291,7 +293,7 @@ _BOOKKEEPING = ("seed", "save_every", "save_model", "mesh")  # a run resumes on 
 
 def _experiment(config: dict) -> dict:
   """A run's config without its seed and bookkeeping, older results filled with defaults."""
-  from childtune_jax import train
+  from childtune_jax.app import train
 
   defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
   full = {**defaults, "backend": "hf-flax", **config}  # runs before the NNX models were HF's
@@ -357,8 +359,8 @@ def _compilation_cache(path: str | None) -> Iterator[None]:
 
 
 def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
-  """The :class:`~childtune_jax.train.TrainConfig` of one seed of ``childtune train``."""
-  from childtune_jax import train
+  """The :class:`~childtune_jax.app.train.TrainConfig` of one seed of ``childtune train``."""
+  from childtune_jax.app import train
 
   return train.TrainConfig(
       task=task.name, mode=args.mode, seed=seed, reserve_p=args.reserve_p, model=args.model,
@@ -443,7 +445,7 @@ def _check_mask_file(option: str, path: str, model: str, task: data.Task,
   """A mask file must hold a bool array of the right shape for every parameter."""
   import jax
 
-  from childtune_jax.train import param_shapes
+  from childtune_jax.app.loading import param_shapes
 
   masks = _load_mask_file(path)
   shapes = param_shapes(model, task.num_labels, backend)
@@ -457,7 +459,7 @@ def _check_mask_file(option: str, path: str, model: str, task: data.Task,
 
 
 def train_command(args: argparse.Namespace) -> dict:
-  from childtune_jax import train
+  from childtune_jax.app import train
 
   task = data.TASKS[args.task]
   if args.random_like and args.mode != "random":
@@ -480,12 +482,9 @@ def train_command(args: argparse.Namespace) -> dict:
 
   try:
     mesh = parallel.parse_mesh(args.mesh, jax.device_count())
+    parallel.check_batch(mesh, args.batch_size, "--batch-size")
   except parallel.MeshError as e:
     raise UsageError(str(e)) from None
-  devices = mesh["data"] * mesh["fsdp"]
-  if args.batch_size % devices:
-    raise UsageError(f"--batch-size {args.batch_size} does not divide over {devices} devices "
-                     f"(mesh {mesh}): use a multiple of {devices}")
   out = args.output_dir
   if _finished(out) and not (args.resume or args.overwrite):
     raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
@@ -530,9 +529,13 @@ def train_command(args: argparse.Namespace) -> dict:
   # a failure or an interrupt on the way leaves the old run as it was.
   staging = args.overwrite and os.path.isdir(out) and bool(_own_entries(out))
   run_root = os.path.join(out, STAGING) if staging else out
-  if staging:
+  primary = parallel.is_primary()  # in a multi-host run, the one process that writes
+  parallel.barrier("checked")  # every process has looked at the old run before it changes
+  if staging and primary:
     shutil.rmtree(run_root, ignore_errors=True)  # left by an interrupted --overwrite
-  os.makedirs(run_root, exist_ok=True)
+  if primary:
+    os.makedirs(run_root, exist_ok=True)
+  parallel.barrier("staged")
   results = {}
   try:
     with _compilation_cache(cache):
@@ -548,15 +551,17 @@ def train_command(args: argparse.Namespace) -> dict:
                                   resume=args.resume, keep_like_d=args.random_like)
         logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
   except BaseException:  # the old run stays exactly as it was
-    if staging:
+    if staging and primary:
       shutil.rmtree(run_root, ignore_errors=True)
     raise
-  if staging:
+  if staging and primary:
     _replace_run(out, run_root)
+  parallel.barrier("replaced")
   results.update(_other_seeds(out, results, _train_config(args, task, args.seeds[0])))
   summary = summarize(results, task)
   summary["mode"] = args.mode
-  files.write_json(os.path.join(out, "summary.json"), summary)
+  if primary:
+    files.write_json(os.path.join(out, "summary.json"), summary)
   print(format_table([(args.mode, summary)]))
   return summary
 
@@ -733,7 +738,9 @@ def overlap_command(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``childtune``; returns the exit status (2 for bad input)."""
-  from childtune_jax.train import CheckpointError, ModelError, TrainingFailed
+  from childtune_jax.app.checkpoints import CheckpointError
+  from childtune_jax.app.loading import ModelError
+  from childtune_jax.app.train import TrainingFailed
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")
