@@ -6,7 +6,14 @@ Fine-tuning", EMNLP 2021 (https://arxiv.org/abs/2109.05687).
 
 from childtune_jax.dynamic import ChildTuningDynamicState, child_tuning_dynamic, current_keep, dps
 from childtune_jax.fisher import fisher_information
-from childtune_jax.masks import fisher_mask, is_encoder_layer, jaccard, kept_fraction, random_keep
+from childtune_jax.masks import (
+    fisher_mask,
+    is_encoder_layer,
+    jaccard,
+    kept_fraction,
+    random_keep,
+    shared_fisher_mask,
+)
 from childtune_jax.packing import pack_keep, unpack_keep
 from childtune_jax.transform import (
     SAMPLERS,
@@ -39,5 +46,6 @@ __all__ = [
     "kept_fraction",
     "pack_keep",
     "random_keep",
+    "shared_fisher_mask",
     "unpack_keep",
 ]

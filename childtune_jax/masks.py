@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -355,3 +355,70 @@ def random_keep(
   it = iter(masks)
   out = [next(it) if take else jnp.ones(jnp.shape(x), bool) for x, take in zip(leaves, selected)]
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+COMBINE = ("normalized-sum", "union", "intersection")
+
+
+def shared_fisher_mask(
+    fishers: Sequence[optax.Params],
+    reserve_p: float,
+    *,
+    combine: str = "normalized-sum",
+    where: _tree.Where = None,
+) -> optax.Params:
+  r"""One child network for several tasks, from each task's Fisher information.
+
+  ``combine`` says how the tasks share it:
+
+  - ``"normalized-sum"`` (default): the top-``reserve_p`` scalars of
+    :math:`\sum_t F_t / \lVert F_t \rVert_1`, each task's Fisher divided by its own total
+    over the selected leaves, so that a task with larger gradients (or more data) does not
+    drown the others; then :func:`fisher_mask`.
+  - ``"union"`` / ``"intersection"``: each task's own top-``reserve_p`` network
+    (:func:`fisher_mask`), then their union or intersection: the shared network is then
+    larger (union) or smaller (intersection) than ``reserve_p``.
+
+  Args:
+    fishers: one Fisher pytree per task, all of the same structure and shapes (the shared
+      parameters; leave the task heads out, or out of ``where``).
+    reserve_p: the fraction of the selected scalars each network keeps, in (0, 1].
+    combine: one of :data:`COMBINE`.
+    where: the leaves that take part, as in :func:`fisher_mask`; the others are all ``True``.
+
+  Returns:
+    A bool pytree with the structure of each Fisher pytree, for :func:`child_tuning_d`.
+
+  Raises:
+    ValueError: no task, pytrees of different structure, an unknown ``combine``, a task
+      whose Fisher is zero everywhere (normalised sum), or what :func:`fisher_mask` refuses.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from childtune_jax import shared_fisher_mask
+    >>> a, b = {"w": jnp.array([4.0, 0.0, 0.0, 0.0])}, {"w": jnp.array([0.0, 0.2, 0.1, 0.0])}
+    >>> shared_fisher_mask([a, b], 0.5)["w"].tolist()  # b's 0.2 counts as much as a's 4.0
+    [True, True, False, False]
+  """
+  if combine not in COMBINE:
+    raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+  if not fishers:
+    raise ValueError("shared_fisher_mask needs the Fisher information of at least one task")
+  for i, f in enumerate(fishers[1:], start=1):
+    _tree.check_structure(f"fishers[{i}]", f, fishers[0], reference_name="fishers[0]")
+  if combine != "normalized-sum":
+    masks = [fisher_mask(f, reserve_p, where=where) for f in fishers]
+    op = jnp.logical_or if combine == "union" else jnp.logical_and
+    return jax.tree_util.tree_map(lambda *m: functools.reduce(op, m), *masks)
+  selected = _tree.resolve_where(where, fishers[0])
+  totals = []
+  for i, f in enumerate(fishers):
+    total = sum(float(jnp.sum(jnp.asarray(x, jnp.float32)))
+                for x, take in zip(jax.tree_util.tree_leaves(f), selected) if take)
+    if not total > 0:
+      raise ValueError(f"fishers[{i}] is zero (or not finite) over the selected leaves: "
+                       "it cannot be normalised")
+    totals.append(total)
+  combined = jax.tree_util.tree_map(
+      lambda *xs: sum(jnp.asarray(x, jnp.float32) / t for x, t in zip(xs, totals)), *fishers)
+  return fisher_mask(combined, reserve_p, where=where)
