@@ -6,6 +6,8 @@ over rounds in one process, and the first step (compile included). Needs transfo
 for the HF side.
 
   python benchmarks/bench_models.py --jsonl benchmarks/results/models.jsonl
+  python benchmarks/bench_models.py --memory --shapes minilm:16x64 base:16x128 \
+      --jsonl benchmarks/results/models.jsonl
 """
 
 from __future__ import annotations
@@ -86,17 +88,88 @@ def measure(size: str, batch: int, seq: int, reps: int, rounds: int) -> list[dic
            "jax": jax.__version__} for name in applies]
 
 
+def memory(impl: str, size: str, batch: int, seq: int) -> dict:
+  """One implementation alone in this process: XLA's memory plan of its train step, and the
+  process's peak resident memory over 3 steps (Linux ``VmHWM``; CPU: host memory is device
+  memory)."""
+  cfg = dict(vocab_size=30522, num_labels=2, **SIZES[size])
+  if impl == "nnx":
+    graphdef, state = nnx.split(SequenceClassifier(EncoderConfig("bert", **cfg), rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+
+    def apply(p, b, k):
+      return nnx.merge(graphdef, p)(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                    rngs=nnx.Rngs(dropout=k))
+  else:
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+
+    hf = FlaxBertForSequenceClassification(BertConfig(**cfg), seed=0)
+    params = hf.params
+
+    def apply(p, b, k):
+      return hf(b["input_ids"], b["attention_mask"], b["token_type_ids"], params=p,
+                dropout_rng=k, train=True).logits
+  rng = np.random.default_rng(0)
+  data = {"input_ids": rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
+          "attention_mask": np.ones((batch, seq), np.int32),
+          "token_type_ids": np.zeros((batch, seq), np.int32),
+          "labels": rng.integers(0, 2, batch).astype(np.int32)}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(4e-5))
+
+  def step(p, s, b, i):
+    def objective(p):
+      logits = apply(p, b, jax.random.fold_in(jax.random.key(0), i))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+    value, g = jax.value_and_grad(objective)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, value
+
+  fn = jax.jit(step, donate_argnums=(0, 1))
+  s = tx.init(params)
+  plan = fn.lower(params, s, data, 0).compile().memory_analysis()
+  for i in range(3):
+    params, s, value = fn(params, s, data, i)
+  value.block_until_ready()
+  with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+  mib = 2**20
+  return {"case": f"memory {impl}", "size": size, "batch": batch, "seq": seq,
+          "arguments_mib": plan.argument_size_in_bytes / mib,
+          "temp_mib": plan.temp_size_in_bytes / mib, "output_mib": plan.output_size_in_bytes / mib,
+          "alias_mib": plan.alias_size_in_bytes / mib, "peak_rss_gib": peak,
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", nargs="+", default=["minilm:16x64", "base:16x128"])
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--jsonl")
+  parser.add_argument("--memory", action="store_true",
+                      help="instead: each implementation's memory, each in its own process")
+  parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "SHAPE"),
+                      help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.memory_child:
+    impl, spec = args.memory_child
+    size, shape = spec.split(":")
+    print(json.dumps(memory(impl, size, *map(int, shape.split("x")))), flush=True)
+    return
   for spec in args.shapes:
     size, shape = spec.split(":")
     batch, seq = map(int, shape.split("x"))
-    for row in measure(size, batch, seq, args.reps, args.rounds):
+    if args.memory:
+      import subprocess
+      import sys
+
+      rows = [json.loads(subprocess.run(
+          [sys.executable, __file__, "--memory-child", impl, spec], check=True,
+          capture_output=True, text=True).stdout.strip().splitlines()[-1])
+          for impl in ("hf-flax", "nnx")]
+    else:
+      rows = measure(size, batch, seq, args.reps, args.rounds)
+    for row in rows:
       print(json.dumps(row), flush=True)
       if args.jsonl:
         with open(args.jsonl, "a") as f:
