@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,15 +53,29 @@ _non_negative = _checked(float, lambda v: 0 <= v < float("inf"), "must be finite
 _fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> None:
   from childtune_jax.app.loading import DEFAULT_MODEL
   from childtune_jax.app.train import MODES
   from childtune_jax.transform import SAMPLERS
 
-  p.add_argument("--mode", choices=MODES, required=True,
-                 help="vanilla AdamW, Child-Tuning_F, Child-Tuning_D, D's size with a random "
-                      "child network (the paper's control), or a dynamic child network "
-                      "re-selected during training")
+  if multitask:
+    from childtune_jax.app.multitask import MODES as MULTITASK_MODES
+    from childtune_jax.masks import COMBINE
+
+    p.add_argument("--mode", choices=MULTITASK_MODES, required=True,
+                   help="vanilla AdamW, Child-Tuning_F, D from all tasks' examples pooled, or "
+                        "shared-D: each task's Fisher combined by --combine")
+    p.add_argument("--combine", choices=COMBINE, default="normalized-sum",
+                   help="shared-D: each task's Fisher over its own total, summed (default), or "
+                        "the union / intersection of each task's top-p network")
+    p.add_argument("--temperature", type=_checked(float, lambda v: v > 0, "must be > 0"),
+                   default=1.0, help="task sampling: p_t proportional to n_t^(1/T) (default 1: "
+                                     "proportional to the tasks' examples; large: uniform)")
+  else:
+    p.add_argument("--mode", choices=MODES, required=True,
+                   help="vanilla AdamW, Child-Tuning_F, Child-Tuning_D, D's size with a random "
+                        "child network (the paper's control), or a dynamic child network "
+                        "re-selected during training")
   p.add_argument("--reserve-p", type=_reserve_p, default=0.3, help="child network size p")
   p.add_argument("--model", default=DEFAULT_MODEL,
                  help="local folder or hub name of a Flax/PyTorch HF model (default: "
@@ -72,6 +86,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
   src.add_argument("--validation-file", help="your own evaluation file")
   src.add_argument("--text-columns", help="A[,B]: text column(s) of your own files")
   src.add_argument("--label-column", help="label column of your own files")
+  src.add_argument("--train-split", default="train", metavar="NAME",
+                   help="the split of --data-dir to train on (default train; e.g. SNLI's "
+                        "validation); the task's other evaluation splits are scored")
+  src.add_argument("--eval-task", action="append", metavar="TASK[:SPLIT]",
+                   help="also score another task's split from --data-dir with the same labels, "
+                        "as TASK/SPLIT (e.g. sick:test for SNLI -> SICK transfer); repeatable")
+  src.add_argument("--heldout-samples", type=_positive_int, metavar="N",
+                   help="carve a held-out test split of N examples from the training file, "
+                        "the same for every seed, scored as 'heldout'")
   p.add_argument("--max-train-samples", type=_positive_int,
                  help="a fixed random subset per seed (the paper's low-resource setting: 1000)")
   p.add_argument("--selection-samples", type=_positive_int,
@@ -159,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--task", required=True, choices=sorted(data.TASKS),
                      help="GLUE task (sets the label set and metric)")
   _add_train_options(train)
+  multi = sub.add_parser("multitask", help="several GLUE tasks together: one encoder, a head "
+                                           "per task, optionally one shared child network")
+  multi.add_argument("--tasks", nargs="+", required=True, choices=sorted(data.TASKS),
+                     metavar="TASK", help="two or more tasks (each with its labels and metric)")
+  _add_train_options(multi, multitask=True)
   demo = sub.add_parser("demo", help="offline demo: vanilla vs F vs D on a real SST-2 sample")
   demo.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
   demo.add_argument("--seeds", type=_seed, nargs="+", default=[42])
@@ -172,8 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _eval_tasks(specs: list[str] | None, task: data.Task) -> list[tuple[data.Task, str]]:
+  """``--eval-task TASK[:SPLIT]`` as (task, split) pairs; the labels must be the run's own."""
+  out = []
+  for spec in specs or []:
+    name, _, split = spec.partition(":")
+    other = data.TASKS.get(name)
+    if other is None:
+      raise UsageError(f"--eval-task {spec!r}: unknown task {name!r} "
+                       f"(one of {', '.join(sorted(data.TASKS))})")
+    if other.labels != task.labels:
+      raise UsageError(f"--eval-task {spec!r}: {name}'s labels {other.labels} are not "
+                       f"{task.name}'s {task.labels}")
+    out.append((other, split or data.eval_split_names(other)[-1]))
+  return out
+
+
 def _load_data(args: argparse.Namespace, task: data.Task):
   own = [args.train_file, args.validation_file]
+  eval_tasks = _eval_tasks(args.eval_task, task)
+  if not args.data_dir and (eval_tasks or args.train_split != "train"):
+    raise UsageError("--eval-task and --train-split read from --data-dir")
   if any(own):
     if not all(own):
       raise UsageError("--train-file and --validation-file go together")
@@ -185,10 +232,16 @@ def _load_data(args: argparse.Namespace, task: data.Task):
     if not 1 <= len(cols) <= 2:
       raise UsageError(f"--text-columns takes one or two names, got {args.text_columns!r}")
     train = data.read_user_file(task, args.train_file, cols, args.label_column)
-    return train, {"dev": data.read_user_file(task, args.validation_file, cols, args.label_column)}
-  if args.data_dir:
-    return data.load_glue_folder(task, args.data_dir)
-  return data.load_hf_glue(task)
+    evals = {"dev": data.read_user_file(task, args.validation_file, cols, args.label_column)}
+  elif args.data_dir:
+    train, evals = data.load_glue_folder(task, args.data_dir, args.train_split)
+  else:
+    train, evals = data.load_hf_glue(task)
+  if args.heldout_samples:  # before any seed's draws: the same held-out examples for all
+    train, evals["heldout"] = data.split_heldout(train, args.heldout_samples)
+  for other, split in eval_tasks:
+    evals[f"{other.name}/{split}"] = data.read_split(other, args.data_dir, split)
+  return train, evals
 
 
 def _check_model(name: str, max_seq_length: int, backend: str = "nnx") -> None:
@@ -375,7 +428,8 @@ def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
       selection_samples=args.selection_samples, eval_dev=not args.selection_only,
       child_mask=args.child_mask, every=args.every, full_stage=args.full_stage,
       score_decay=args.score_decay, mesh=args.mesh, dtype=args.dtype, grad_accum=args.grad_accum,
-      backend=args.backend)
+      backend=args.backend, train_split=args.train_split, heldout_samples=args.heldout_samples,
+      eval_tasks=",".join(args.eval_task) if args.eval_task else None)
 
 
 STAGING = ".childtune-overwrite"  # where --overwrite runs until it replaces the old run
@@ -458,24 +512,8 @@ def _check_mask_file(option: str, path: str, model: str, task: data.Task,
                        f"expected bool{list(like.shape)}")
 
 
-def train_command(args: argparse.Namespace) -> dict:
-  from childtune_jax.app import train
-
-  task = data.TASKS[args.task]
-  if args.random_like and args.mode != "random":
-    raise UsageError("--random-like goes with --mode random")
-  if args.random_like and not os.path.isfile(args.random_like):
-    raise UsageError(f"mask file {args.random_like} does not exist")
-  if args.child_mask and args.mode != "D":
-    raise UsageError("--child-mask goes with --mode D")
-  if args.child_mask and not os.path.isfile(args.child_mask):
-    raise UsageError(f"mask file {args.child_mask} does not exist")
-  if args.mode != "dynamic" and (args.every or args.full_stage is not None):
-    raise UsageError("--every and --full-stage go with --mode dynamic")
-  if args.mode == "dynamic" and args.freeze_non_child:
-    raise UsageError("--freeze-non-child is for modes F and D")
-  if args.selection_only and not args.selection_samples:
-    raise UsageError("--selection-only needs --selection-samples N")
+def _check_run_options(args: argparse.Namespace) -> str | None:
+  """The checks every training command makes first; returns the compilation cache to use."""
   import jax
 
   from childtune_jax import parallel
@@ -508,6 +546,28 @@ def train_command(args: argparse.Namespace) -> dict:
     if round(args.reserve_p * levels) < 1:
       raise UsageError(f"--reserve-p {args.reserve_p} rounds to 0 with --sampler "
                        f"{args.sampler} (at least {1 / levels:g}); use --sampler bernoulli")
+  return cache
+
+
+def train_command(args: argparse.Namespace) -> dict:
+  from childtune_jax.app import train
+
+  task = data.TASKS[args.task]
+  if args.random_like and args.mode != "random":
+    raise UsageError("--random-like goes with --mode random")
+  if args.random_like and not os.path.isfile(args.random_like):
+    raise UsageError(f"mask file {args.random_like} does not exist")
+  if args.child_mask and args.mode != "D":
+    raise UsageError("--child-mask goes with --mode D")
+  if args.child_mask and not os.path.isfile(args.child_mask):
+    raise UsageError(f"mask file {args.child_mask} does not exist")
+  if args.mode != "dynamic" and (args.every or args.full_stage is not None):
+    raise UsageError("--every and --full-stage go with --mode dynamic")
+  if args.mode == "dynamic" and args.freeze_non_child:
+    raise UsageError("--freeze-non-child is for modes F and D")
+  if args.selection_only and not args.selection_samples:
+    raise UsageError("--selection-only needs --selection-samples N")
+  cache = _check_run_options(args)
   train_set, evals = _load_data(args, task)
   if args.selection_samples:  # its size does not depend on the seed: check it once, early
     data.split_selection(train_set, args.max_train_samples, args.selection_samples, 0)
@@ -519,9 +579,28 @@ def train_command(args: argparse.Namespace) -> dict:
   for option, path in (("--random-like", args.random_like), ("--child-mask", args.child_mask)):
     if path:
       _check_mask_file(option, path, args.model, task, args.backend)
+  summary = _run_seeds(args, cache, task, lambda seed: _train_config(args, task, seed),
+                       lambda cfg, seed_dir: train.run(cfg, train_set, evals, seed_dir,
+                                                       resume=args.resume,
+                                                       keep_like_d=args.random_like))
+  return summary
+
+
+def _run_seeds(args: argparse.Namespace, cache: str | None, task: data.Task,
+               config: Callable[[int], Any], run: Callable[[Any, str], dict]) -> dict:
+  """Runs ``run(config(seed), seed_dir)`` for every seed of ``args``, safely; the summary.
+
+  Before anything runs, every seed is checked against what its folder holds (a resume of
+  another configuration is refused). ``--overwrite`` trains beside the old run and
+  replaces it only once every seed has finished: a failure or an interrupt on the way
+  leaves the old run as it was. Only process 0 writes.
+  """
+  from childtune_jax import parallel
+
+  out = args.output_dir
   for seed in args.seeds:  # before anything runs: a mismatch touches nothing
     if args.resume:
-      _check_same_run(os.path.join(out, f"seed-{seed}"), _train_config(args, task, seed))
+      _check_same_run(os.path.join(out, f"seed-{seed}"), config(seed))
     elif not args.overwrite and os.path.isdir(out) and _is_seed_dir(out, f"seed-{seed}"):
       raise UsageError(f"{out} holds an unfinished run of seed {seed}: pass --resume to continue "
                        "it or --overwrite to replace it")
@@ -547,8 +626,7 @@ def train_command(args: argparse.Namespace) -> dict:
             results[seed] = json.load(f)
           logger.info("seed %d already finished", seed)
           continue
-        results[seed] = train.run(_train_config(args, task, seed), train_set, evals, seed_dir,
-                                  resume=args.resume, keep_like_d=args.random_like)
+        results[seed] = run(config(seed), seed_dir)
         logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
   except BaseException:  # the old run stays exactly as it was
     if staging and primary:
@@ -557,13 +635,52 @@ def train_command(args: argparse.Namespace) -> dict:
   if staging and primary:
     _replace_run(out, run_root)
   parallel.barrier("replaced")
-  results.update(_other_seeds(out, results, _train_config(args, task, args.seeds[0])))
+  results.update(_other_seeds(out, results, config(args.seeds[0])))
   summary = summarize(results, task)
   summary["mode"] = args.mode
   if primary:
     files.write_json(os.path.join(out, "summary.json"), summary)
   print(format_table([(args.mode, summary)]))
   return summary
+
+
+def multitask_command(args: argparse.Namespace) -> dict:
+  """``childtune multitask``: the tasks trained together (:mod:`childtune_jax.app.multitask`)."""
+  from childtune_jax.app import multitask
+
+  tasks = [data.TASKS[name] for name in args.tasks]
+  if len(set(args.tasks)) != len(args.tasks) or len(tasks) < 2:
+    raise UsageError(f"--tasks takes two or more different tasks, got {' '.join(args.tasks)}")
+  unsupported = {"--train-file": args.train_file, "--validation-file": args.validation_file,
+                 "--child-mask": args.child_mask, "--random-like": args.random_like,
+                 "--eval-task": args.eval_task, "--heldout-samples": args.heldout_samples,
+                 "--every": args.every, "--full-stage": args.full_stage,
+                 "--train-split": args.train_split != "train"}
+  given = [name for name, value in unsupported.items() if value]
+  if given:
+    raise UsageError(f"{', '.join(given)}: not supported by multitask (GLUE folders only)")
+  if args.selection_only and not args.selection_samples:
+    raise UsageError("--selection-only needs --selection-samples N")
+  cache = _check_run_options(args)
+  datasets = {}
+  for task in tasks:
+    train_set, evals = (data.load_glue_folder(task, args.data_dir) if args.data_dir
+                        else data.load_hf_glue(task))
+    if args.selection_samples:
+      data.split_selection(train_set, args.max_train_samples, args.selection_samples, 0)
+    datasets[task.name] = (train_set, evals)
+  _check_model(args.model, args.max_seq_length, args.backend)
+  joined = data.Task(",".join(args.tasks), (), "", None,
+                     tuple(dict.fromkeys(m for t in tasks for m in t.metrics)), "")
+
+  def config(seed: int) -> multitask.MultitaskConfig:
+    base = dataclasses.asdict(_train_config(args, tasks[0], seed))
+    return multitask.MultitaskConfig(**{**base, "task": joined.name},
+                                     temperature=args.temperature, combine=args.combine)
+
+  return _run_seeds(args, cache, joined, config,
+                    lambda cfg, seed_dir: multitask.run(cfg, datasets, seed_dir,
+                                                        resume=args.resume))
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
@@ -749,9 +866,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.ERROR)
   logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax: our own errors say it once
   args = build_parser().parse_args(argv)
-  commands = {"train": train_command, "demo": demo_command, "overlap": overlap_command}
+  commands = {"train": train_command, "multitask": multitask_command, "demo": demo_command,
+              "overlap": overlap_command}
   try:
-    if args.command in ("train", "demo"):
+    if args.command in ("train", "multitask", "demo"):
       from childtune_jax import parallel
 
       parallel.initialize_if_distributed()

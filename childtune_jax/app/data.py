@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -35,6 +38,12 @@ class Task:
     dev_files: evaluation files, one per reported split.
     header: whether the TSV files start with a header row.
     hf_columns: text columns of the HF ``datasets`` copy of the task.
+    label_map: other spellings of the labels in the files (matched after lower-casing).
+    unlabeled: label values that mark a pair without a gold label: skipped, with a count.
+    quoted: whether fields may be CSV-quoted (``"..."``); GLUE's TSV files are not.
+    split_column: for a corpus in one file (``single_file``), the column naming each row's
+      split; the split names are its values, lower-cased.
+    single_file: the file holding every split, if the corpus comes as one file.
   """
 
   name: str
@@ -46,6 +55,11 @@ class Task:
   dev_files: tuple[str, ...] = ("dev.tsv",)
   header: bool = True
   hf_columns: tuple[str, ...] = ("sentence",)
+  label_map: tuple[tuple[str, str], ...] = ()
+  unlabeled: tuple[str, ...] = ()
+  quoted: bool = False
+  split_column: str | None = None
+  single_file: str | None = None
 
   @property
   def num_labels(self) -> int:
@@ -58,6 +72,13 @@ class Task:
 
 BINARY = ("0", "1")
 ENTAIL = ("entailment", "not_entailment")
+# Three-way NLI, in SNLI's (and the hub's MNLI's) class order: 0 entailment, 1 neutral,
+# 2 contradiction. One table maps both SNLI's numeric labels and SICK's upper-case names,
+# so that a model trained on one is scored on the other class for class.
+NLI = ("entailment", "neutral", "contradiction")
+NLI_LABELS = (("0", "entailment"), ("1", "neutral"), ("2", "contradiction"),
+              ("entailment", "entailment"), ("neutral", "neutral"),
+              ("contradiction", "contradiction"))
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -79,6 +100,15 @@ TASKS: dict[str, Task] = {
              hf_columns=("sentence1", "sentence2")),
         Task("wnli", ("sentence1", "sentence2"), "label", BINARY, ("accuracy",), "WNLI",
              hf_columns=("sentence1", "sentence2")),
+        # SNLI as the hub's copy writes it out: train/validation/test.tsv, CSV-quoted,
+        # -1 where the annotators agreed on no gold label.
+        Task("snli", ("premise", "hypothesis"), "label", NLI, ("accuracy",), "SNLI",
+             dev_files=("validation.tsv",), hf_columns=("premise", "hypothesis"),
+             label_map=NLI_LABELS, unlabeled=("-1", "-"), quoted=True),
+        # SICK (SemEval 2014 task 1) as distributed: one CRLF file, its parts in SemEval_set.
+        Task("sick", ("sentence_A", "sentence_B"), "entailment_label", NLI, ("accuracy",),
+             "SICK", dev_files=("trial", "test"), label_map=NLI_LABELS,
+             split_column="SemEval_set", single_file="SICK.txt"),
     ]
 }
 # HF datasets' GLUE class order where it differs from the TSV label strings.
@@ -120,6 +150,8 @@ def _parse_label(task: Task, value: Any, where: str) -> float | int:
                       f"{_MAX_SCORE:g} in magnitude (task {task.name})")
     return number
   text = str(value).strip()
+  if task.label_map:
+    text = dict(task.label_map).get(text.lower(), text)
   if text not in task.labels:
     raise DataError(
         f"{where}: label {text!r} is outside the label set of {task.name} {list(task.labels)}"
@@ -134,13 +166,19 @@ def _finish(task: Task, texts: list[list[str]], labels: list, source: str) -> Ex
   return Examples(texts, np.asarray(labels, dtype), source)
 
 
-def read_glue_tsv(task: Task, path: str) -> Examples:
-  """Reads one file of the GLUE TSV layout (headers, BOM and CoLA's header-less rows)."""
+def read_glue_tsv(task: Task, path: str, part: str | None = None) -> Examples:
+  """Reads one file of the GLUE TSV layout (headers, BOM and CoLA's header-less rows).
+
+  Also SNLI's CSV-quoted TSV and SICK's one CRLF file (``part``: the rows of one split,
+  by the task's ``split_column``, matched case-insensitively). Rows the task marks as
+  unlabeled are skipped, with a count in the log.
+  """
   if os.path.isdir(path):
     raise DataError(f"{path} is a folder, not a file")
+  quoting = csv.QUOTE_MINIMAL if task.quoted else csv.QUOTE_NONE
   try:
     with open(path, encoding="utf-8-sig", newline="") as f:
-      rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+      rows = list(csv.reader(f, delimiter="\t", quoting=quoting))
   except OSError as e:
     raise DataError(f"cannot read {path}: {e.strerror or e}") from None
   except UnicodeDecodeError:
@@ -159,16 +197,33 @@ def read_glue_tsv(task: Task, path: str) -> Examples:
     label_idx = header.index(task.label_column)
   else:
     text_idx, label_idx = list(task.text_columns), task.label_column
-  width = max(*text_idx, label_idx) + 1
+  part_idx = None
+  if part is not None:
+    if task.split_column is None or task.split_column not in header:
+      raise DataError(f"{path}: no column {task.split_column!r} to take part {part!r} from")
+    part_idx = header.index(task.split_column)
+  width = max(*text_idx, label_idx, part_idx or 0) + 1
   texts: list[list[str]] = [[] for _ in text_idx]
-  labels = []
+  labels, skipped, parts = [], 0, set()
   for line, row in enumerate(rows, start=2 if task.header else 1):
     if len(row) < width:
       raise DataError(f"{path}:{line}: expected at least {width} tab-separated columns")
+    if part_idx is not None:
+      parts.add(row[part_idx].strip().lower())
+      if row[part_idx].strip().lower() != part.lower():
+        continue
+    if row[label_idx].strip() in task.unlabeled:
+      skipped += 1
+      continue
     labels.append(_parse_label(task, row[label_idx], f"{path}:{line}"))
     for col, i in zip(texts, text_idx):
       col.append(row[i])
-  return _finish(task, texts, labels, path)
+  if skipped:
+    logger.info("%s: skipped %d pairs without a gold label", path, skipped)
+  source = path if part is None else f"{path}[{part.lower()}]"
+  if part is not None and not labels:
+    raise DataError(f"{path}: no rows of part {part!r} (its parts: {sorted(parts)})")
+  return _finish(task, texts, labels, source)
 
 
 def read_user_file(
@@ -219,44 +274,93 @@ def read_user_file(
   return _finish(task, texts, labels, path)
 
 
-def load_glue_folder(task: Task, data_dir: str) -> tuple[Examples, dict[str, Examples]]:
-  """Train and evaluation splits from ``data_dir`` (the task folder itself, or its parent)."""
+def task_folder(task: Task, data_dir: str) -> str:
+  """The task's folder in ``data_dir`` (``data_dir/<Task folder>``, or ``data_dir`` itself)."""
   folder = os.path.join(data_dir, task.folder)
   if not os.path.isdir(folder):
     folder = data_dir
   if not os.path.isdir(folder):
     raise DataError(f"data folder {data_dir} does not exist")
-  train = read_glue_tsv(task, os.path.join(folder, "train.tsv"))
-  evals = {os.path.splitext(f)[0]: read_glue_tsv(task, os.path.join(folder, f))
-           for f in task.dev_files}
+  return folder
+
+
+def eval_split_names(task: Task) -> list[str]:
+  """The task's evaluation splits, by name (``dev``; ``dev_matched``, ...; SICK's ``test``)."""
+  return [os.path.splitext(f)[0] for f in task.dev_files]
+
+
+def read_split(task: Task, data_dir: str, name: str) -> Examples:
+  """One split of a task by name: ``<name>.tsv`` in its folder, or a part of its one file."""
+  folder = task_folder(task, data_dir)
+  if task.single_file:
+    return read_glue_tsv(task, os.path.join(folder, task.single_file), part=name)
+  files = {os.path.splitext(f)[0]: f for f in ("train.tsv", *task.dev_files)}
+  return read_glue_tsv(task, os.path.join(folder, files.get(name, f"{name}.tsv")))
+
+
+def load_glue_folder(task: Task, data_dir: str, train_split: str = "train"
+                     ) -> tuple[Examples, dict[str, Examples]]:
+  """Train and evaluation splits from ``data_dir`` (the task folder itself, or its parent).
+
+  ``train_split`` names the split to train on (default ``train``); the task's evaluation
+  splits other than it are the evaluation splits (SNLI trained on ``validation`` has none:
+  carve a held-out split from it).
+  """
+  train = read_split(task, data_dir, train_split)
+  evals = {name: read_split(task, data_dir, name) for name in eval_split_names(task)
+           if name != train_split}
   return train, evals
+
+
+_HF_DATASETS = {"snli": ("stanfordnlp/snli", None)}  # the rest: ("glue", task name)
 
 
 def load_hf_glue(task: Task) -> tuple[Examples, dict[str, Examples]]:
   """The task from Hugging Face ``datasets`` (needs a network or a local cache)."""
   import datasets
 
+  if task.single_file:
+    raise DataError(f"{task.name} has no copy on the Hugging Face hub that childtune reads; "
+                    f"pass --data-dir with its folder ({task.folder}/{task.single_file})")
+  path, config = _HF_DATASETS.get(task.name, ("glue", task.name))
   try:
-    ds = datasets.load_dataset("glue", task.name)
+    ds = datasets.load_dataset(path, config)
   except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
     raise DataError(
-        f"cannot load GLUE {task.name} from the Hugging Face hub ({type(e).__name__}); "
-        "offline, pass --data-dir with the GLUE TSV files or --train-file/--validation-file"
+        f"cannot load {path} {config or ''} from the Hugging Face hub ({type(e).__name__}); "
+        "offline, pass --data-dir with the task's TSV files or --train-file/--validation-file"
     ) from None
   hf_labels = _HF_LABELS.get(task.name, task.labels)
 
   def convert(split: Any, name: str) -> Examples:
-    texts = [list(split[c]) for c in task.hf_columns]
+    keep = [i for i, v in enumerate(split["label"]) if v != -1]  # -1: no gold label
+    texts = [[col[i] for i in keep] for col in (list(split[c]) for c in task.hf_columns)]
+    values = [split["label"][i] for i in keep]
     if task.is_regression:
-      labels = [float(v) for v in split["label"]]
+      labels = [float(v) for v in values]
     else:
-      labels = [task.labels.index(hf_labels[v]) for v in split["label"]]
-    return _finish(task, texts, labels, f"hf:glue/{task.name}/{name}")
+      labels = [task.labels.index(hf_labels[v]) for v in values]
+    return _finish(task, texts, labels, f"hf:{path}/{config or task.name}/{name}")
 
   evals = {"validation_matched": "dev_matched", "validation_mismatched": "dev_mismatched",
-           "validation": "dev"}
+           "validation": "dev" if path == "glue" else "validation"}
   return convert(ds["train"], "train"), {
       out: convert(ds[k], k) for k, out in evals.items() if k in ds}
+
+
+def split_heldout(examples: Examples, n: int) -> tuple[Examples, Examples]:
+  """A held-out split of ``n`` examples drawn once (the same for every seed), and the rest.
+
+  For corpora without a test split of their own (SNLI trained on its validation file): a
+  test that neither trains nor selects anything, the same examples for every seed and
+  method, drawn before any seed's training subset and selection split.
+  """
+  if not 0 < n < len(examples):
+    raise DataError(f"{examples.source}: {len(examples)} examples cannot give a held-out "
+                    f"split of {n} and leave any to train on")
+  chosen = np.sort(np.random.default_rng([0, 3]).choice(len(examples), n, replace=False))
+  rest = np.setdiff1d(np.arange(len(examples)), chosen)
+  return examples.subset(rest), examples.subset(chosen)
 
 
 def _subset_index(total: int, n: int, seed: int) -> np.ndarray:

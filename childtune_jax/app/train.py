@@ -87,6 +87,9 @@ class TrainConfig:
   dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
   grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
   backend: str = "nnx"  # "nnx": childtune_jax.models; "hf-flax": transformers' Flax classes
+  train_split: str = "train"  # the split of the data folder trained on
+  heldout_samples: int | None = None  # a held-out test split carved from the training file
+  eval_tasks: str | None = None  # "sick:test,...": other tasks' splits scored as TASK/SPLIT
 
 @jax.jit
 def _finite(tree: Any) -> jax.Array:
@@ -230,9 +233,12 @@ class TrainState:
     return np.array([float(x) for x in self.losses] + [np.nan] * (total_steps - len(self.losses)))
 
 
-def start(cfg: TrainConfig, out_dir: str) -> Run:
-  """The mesh and the seed's folder, where a fresh run records what a resume must match."""
-  task = data.TASKS[cfg.task]
+def start(cfg: TrainConfig, out_dir: str, task: data.Task | None = None) -> Run:
+  """The mesh and the seed's folder, where a fresh run records what a resume must match.
+
+  ``task``: the run's task (default ``data.TASKS[cfg.task]``; a multi-task run's first).
+  """
+  task = task or data.TASKS[cfg.task]
   axes = parallel.parse_mesh(cfg.mesh, jax.device_count())
   mesh = parallel.make_mesh(axes)
   parallel.check_batch(mesh, cfg.batch_size, "--batch-size")
@@ -526,9 +532,11 @@ def finish(r: Run, plan: Plan, state: TrainState, model: loading.Classifier,
   results["metrics"] = {name: evaluate(state.params, name) for name in splits.evals}
   r.timings["eval_s"] = time.perf_counter() - t
   main = r.task.metrics[0]
-  tests = [m[main] for name, m in results["metrics"].items() if name != SELECTION]
-  # ``score``: the main metric on the evaluation (dev/test) splits; ``selection_score``: on
-  # the selection split, the only one a hyperparameter search may look at.
+  tests = [m[main] for name, m in results["metrics"].items()
+           if name != SELECTION and "/" not in name]
+  # ``score``: the main metric on the task's own evaluation (dev/test) splits (another task's,
+  # ``TASK/SPLIT``, are transfer results, apart); ``selection_score``: on the selection
+  # split, the only one a hyperparameter search may look at.
   results["score"] = float(np.mean(tests)) if tests and None not in tests else None
   if SELECTION in results["metrics"]:
     results["selection_score"] = results["metrics"][SELECTION][main]

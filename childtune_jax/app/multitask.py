@@ -1,0 +1,340 @@
+"""Several tasks trained together: one encoder, a head per task (``childtune multitask``).
+
+Modes:
+
+- ``vanilla``: plain multi-task AdamW.
+- ``F``: Child-Tuning_F over every parameter, as in ``train``.
+- ``D``: one child network from the Fisher information of all tasks' examples pooled
+  (each example counts once: the task with the most examples weighs the most).
+- ``shared-D``: each task's Fisher information on its own, combined by
+  :func:`childtune_jax.shared_fisher_mask` (``--combine``; by default each task's Fisher
+  normalised by its own total, so that a small task counts as much as a large one).
+
+The child network covers the shared encoder's layers (``is_encoder_layer``); the heads are
+always trained. Each step trains one task's batch, the task drawn with probability
+``n_t^(1/T) / sum_s n_s^(1/T)`` (``--temperature T``: 1 is proportional to the tasks' training
+examples, a large T uniform); each task walks through its own shuffled examples, reshuffled
+after every pass. An epoch is ``sum_t ceil(n_t / batch)`` steps. All other parameters of the
+optimizer (AdamW, including its momentum and weight decay on the heads of the tasks not in
+the batch) are one optax chain over the whole parameter tree, as in ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from childtune_jax import parallel
+from childtune_jax.app import data, files, loading, train
+from childtune_jax.app.checkpoints import Checkpoints, load_keep, save_keep
+from childtune_jax.fisher import fisher_information
+from childtune_jax.masks import COMBINE, is_encoder_layer, kept_fraction, shared_fisher_mask
+
+logger = logging.getLogger(__name__)
+
+MODES = ("vanilla", "F", "D", "shared-D")
+HEAD = "classifier"  # the task head's top-level name in every supported model family
+
+
+@dataclasses.dataclass
+class MultitaskConfig(train.TrainConfig):
+  """A multi-task run: ``task`` is the tasks joined by ``,``; the rest as in ``train``."""
+
+  temperature: float = 1.0  # task sampling: p_t proportional to n_t ** (1 / temperature)
+  combine: str = "normalized-sum"  # shared-D: how the tasks' Fisher information combines
+
+  @property
+  def tasks(self) -> list[data.Task]:
+    return [data.TASKS[name] for name in self.task.split(",")]
+
+
+def task_probabilities(counts: Sequence[int], temperature: float) -> np.ndarray:
+  """The probability of drawing each task at a step: ``n_t^(1/T)``, normalised."""
+  weights = np.asarray(counts, np.float64) ** (1.0 / temperature)
+  return weights / weights.sum()
+
+
+def task_sequence(counts: Sequence[int], temperature: float, seed: int, epoch: int,
+                  steps: int) -> np.ndarray:
+  """Which task each step of ``epoch`` trains: a function of the seed and epoch alone."""
+  rng = np.random.default_rng([seed, epoch, 5])
+  return rng.choice(len(counts), steps, p=task_probabilities(counts, temperature))
+
+
+class TaskStream:
+  """The ``k``-th batch of one task: rows ``k*B .. k*B+B`` of its passes, each reshuffled."""
+
+  def __init__(self, n: int, batch_size: int, seed: int, task_index: int):
+    self.n, self.batch_size, self.key = n, batch_size, (seed, task_index)
+    self._orders: dict[int, np.ndarray] = {}
+
+  def _order(self, p: int) -> np.ndarray:
+    if p not in self._orders:
+      self._orders = {p: np.random.default_rng([*self.key, p, 9]).permutation(self.n)}
+    return self._orders[p]
+
+  def rows(self, k: int) -> np.ndarray:
+    positions = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
+    return np.array([self._order(int(q // self.n))[q % self.n] for q in positions])
+
+
+def _split_params(params: list[Any]) -> dict:
+  """``{"shared": the first model's encoder, "heads": [each model's head]}``."""
+  shared = {k: v for k, v in params[0].items() if k != HEAD}
+  return {"shared": shared, "heads": {str(i): p[HEAD] for i, p in enumerate(params)}}
+
+
+def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], out_dir: str,
+        *, resume: bool = False) -> dict:
+  """Trains one seed on every task of ``cfg`` together; results also in ``results.json``.
+
+  Args:
+    cfg: the run's configuration.
+    datasets: per task name, its training examples and evaluation splits by name.
+    out_dir: the seed's folder.
+    resume: continue from the last checkpoint in ``out_dir`` if there is one.
+  """
+  tasks = cfg.tasks
+  r = train.start(cfg, out_dir, task=tasks[0])
+  t0 = time.perf_counter()
+  init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
+  models, splits = [], []
+  for task in tasks:
+    model, tokenizer = loading.load_classifier(cfg.model, task.num_labels, init_seed,
+                                               getattr(jnp, cfg.dtype), cfg.backend)
+    train_set, evals = datasets[task.name]
+    evals = dict(evals) if cfg.eval_dev else {}
+    if cfg.selection_samples:
+      train_set, evals[train.SELECTION] = data.split_selection(
+          train_set, cfg.max_train_samples, cfg.selection_samples, cfg.seed)
+    else:
+      train_set = data.subsample(train_set, cfg.max_train_samples, cfg.seed)
+    models.append(model)
+    splits.append(train.Splits(
+        train=data.encode(tokenizer, train_set, cfg.max_seq_length),
+        evals={k: data.encode(tokenizer, v, cfg.max_seq_length) for k, v in evals.items()},
+        pad_id=tokenizer.pad_token_id or 0))
+    r.results.setdefault("data_sha256", {})[task.name] = {
+        "train": train_set.digest(), **{k: v.digest() for k, v in evals.items()}}
+  params = _split_params([m.params for m in models])
+  params = jax.device_put(jax.device_get(params), parallel.shardings_by_shape(r.mesh, params))
+  r.results["train_examples"] = {t.name: len(s.train) for t, s in zip(tasks, splits)}
+  r.results["device"] = {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
+                         "processes": jax.process_count(), "mesh": r.axes, "dtype": cfg.dtype}
+  r.timings["load_s"] = time.perf_counter() - t0
+
+  def logits_of(i: int) -> Callable:
+    def apply(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+      own = {**params["shared"], HEAD: params["heads"][str(i)]}
+      return models[i].apply(own, batch, dropout_rng)
+    return apply
+
+  def task_loss(i: int) -> Callable:  # labels as the task reads them (int classes or scores)
+    loss = train.make_loss(tasks[i], logits_of(i))
+    dtype = jnp.float32 if tasks[i].is_regression else jnp.int32
+
+    def f(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+      return loss(params, {**batch, "labels": batch["labels"].astype(dtype)}, dropout_rng)
+    return f
+
+  losses = [task_loss(i) for i in range(len(tasks))]
+
+  def loss_fn(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """The loss of the batch's task (``batch["task"]``, the same on every row)."""
+    branches = [functools.partial(f, dropout_rng=dropout_rng) for f in losses]
+    return jax.lax.switch(batch["task"][0], branches, params, batch)
+
+  keep = child_network(r, losses, params, splits, resume=resume)
+  counts = [len(s.train) for s in splits]
+  steps_per_epoch = sum(math.ceil(n / cfg.batch_size) for n in counts)
+  total = steps_per_epoch * cfg.epochs
+  plan = train.Plan(steps_per_epoch, total, math.ceil(total / cfg.grad_accum))
+  mode = {"shared-D": "D"}.get(cfg.mode, cfg.mode)
+  tx = train.make_optimizer(dataclasses.replace(r, cfg=dataclasses.replace(cfg, mode=mode)),
+                            plan, keep, params)
+  shardings = parallel.shardings_by_shape(r.mesh, jax.eval_shape(tx.init, params))
+  opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
+  train_step = train.make_train_step(r, loss_fn, tx, params, opt_state)
+  evaluates = [train.make_evaluate(dataclasses.replace(r, task=t), logits_of(i), s)
+               for i, (t, s) in enumerate(zip(tasks, splits))]
+  ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"))
+  state = train.restore_or_start(r, plan, ckpt, params, opt_state, resume)
+  state = _loop(r, plan, state, train_step, splits, counts, ckpt,
+                functools.partial(_selection_score, tasks, evaluates, splits))
+  return _finish(r, plan, state, models, tasks, evaluates, splits, ckpt)
+
+
+def child_network(r: train.Run, losses: list[Callable], params: Any,
+                  splits: list[train.Splits], *, resume: bool) -> Any:
+  """D's or shared-D's child network of the shared encoder (``None`` for vanilla and F)."""
+  cfg = r.cfg
+  if cfg.mode not in ("D", "shared-D"):
+    return None
+  mask_path = os.path.join(r.out_dir, "child_mask.npz")
+  if resume and os.path.exists(mask_path):
+    keep = load_keep(mask_path, params)
+  else:
+    t = time.perf_counter()
+    fishers = []
+    for loss, s in zip(losses, splits):
+      order = data.fisher_order(len(s.train), cfg.seed)
+      batches = list(data.batches(s.train, cfg.batch_size, cfg.max_seq_length, s.pad_id, order,
+                                  bucket=cfg.pad_multiple, pad_rows=jax.device_count() > 1))
+      if jax.device_count() > 1:  # split over the mesh (padding rows have weight 0)
+        batches = [parallel.put_batch(b, parallel.batch_sharding(r.mesh)) for b in batches]
+      fishers.append(fisher_information(loss, params, batches, weights_key="weights",
+                                        microbatch_size=cfg.fisher_microbatch))
+    if cfg.mode == "D":  # the pooled examples: each task weighted by its examples
+      counts = np.array([len(s.train) for s in splits], np.float64)
+      pooled = jax.tree_util.tree_map(
+          lambda *f: sum(x * (n / counts.sum()) for x, n in zip(f, counts)), *fishers)
+      keep = shared_fisher_mask([pooled], cfg.reserve_p, where=is_encoder_layer)
+    else:
+      keep = shared_fisher_mask(fishers, cfg.reserve_p, combine=cfg.combine,
+                                where=is_encoder_layer)
+    r.timings["fisher_s"] = time.perf_counter() - t
+  host_keep = jax.tree_util.tree_map(parallel.to_host, keep)
+  if r.primary:
+    save_keep(mask_path, host_keep)
+  kept, total = kept_fraction(keep, where=is_encoder_layer)
+  r.results["child_network"] = {"kept": kept, "total": total, "fraction": kept / total}
+  logger.info("shared child network: %d of %d encoder-layer scalars (%.2f%%)", kept, total,
+              100 * kept / total)
+  return keep
+
+
+def _with_task(batch: dict, index: int) -> dict:
+  rows = len(next(iter(batch.values())))
+  return {**batch, "task": np.full(rows, index, np.int32)}
+
+
+def _selection_score(tasks: list[data.Task], evaluates: list[Callable],
+                     splits: list[train.Splits], params: Any) -> float | None:
+  """The tasks' mean main metric on their selection splits (``None`` without them)."""
+  if not all(train.SELECTION in s.evals for s in splits):
+    return None
+  scores = [evaluate(params, train.SELECTION)[t.metrics[0]]
+            for t, evaluate in zip(tasks, evaluates)]
+  return None if None in scores else float(np.mean(scores))
+
+
+def _loop(r: train.Run, plan: train.Plan, state: train.TrainState, train_step: Callable,
+          splits: list[train.Splits], counts: list[int], ckpt: Checkpoints,
+          selection: Callable[[Any], float | None]) -> train.TrainState:
+  """Trains from ``state.step`` to the end: one task's batch per step, drawn as documented.
+
+  After every epoch but the last, ``selection(params)`` (the tasks' mean selection score)
+  goes to the history, kept beside the checkpoints.
+  """
+  cfg = r.cfg
+  sharding = parallel.batch_sharding(r.mesh)
+  streams = [TaskStream(n, cfg.batch_size, cfg.seed, i) for i, n in enumerate(counts)]
+  drawn = np.zeros(len(counts), np.int64)  # batches each task has had before this step
+  for epoch in range(state.step // plan.steps_per_epoch + 1):
+    seq = task_sequence(counts, cfg.temperature, cfg.seed, epoch, plan.steps_per_epoch)
+    upto = min(plan.steps_per_epoch, state.step - epoch * plan.steps_per_epoch)
+    drawn += np.bincount(seq[:max(upto, 0)], minlength=len(counts))
+  sequence_epoch, seq = None, None
+  t = time.perf_counter()
+  with tqdm(total=plan.total_steps, initial=state.step, desc=f"train seed {cfg.seed}",
+            unit="step", disable=None) as bar:
+    while state.step < plan.total_steps:
+      epoch, offset = divmod(state.step, plan.steps_per_epoch)
+      if epoch != sequence_epoch:
+        sequence_epoch = epoch
+        seq = task_sequence(counts, cfg.temperature, cfg.seed, epoch, plan.steps_per_epoch)
+      i = int(seq[offset])
+      rows = streams[i].rows(int(drawn[i]))
+      drawn[i] += 1
+      batch = data.make_batch(splits[i].train, rows, cfg.max_seq_length, splits[i].pad_id,
+                              rows=cfg.batch_size, bucket=cfg.pad_multiple)
+      state.params, state.opt_state, loss = train_step(
+          state.params, state.opt_state, parallel.put_batch(_with_task(batch, i), sharding),
+          jnp.int32(state.step))
+      state.step += 1
+      state.losses.append(loss)
+      bar.update(1)
+      step = state.step
+      saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps)
+      if step % plan.steps_per_epoch == 0 or saving or step == plan.total_steps:
+        train._check_finite(state.losses, state.params, step, ckpt)
+      if step % plan.steps_per_epoch == 0 and step < plan.total_steps:
+        score = selection(state.params)
+        if score is not None:
+          state.history["selection"][str(step // plan.steps_per_epoch)] = score
+          if r.primary:
+            files.write_json(os.path.join(r.out_dir, train.HISTORY_FILE), state.history)
+      if saving:
+        ckpt.save(step, state.params, state.opt_state, state.all_losses(plan.total_steps))
+  jax.block_until_ready(state.params)
+  r.timings["train_s"] = time.perf_counter() - t
+  return state
+
+
+def _finish(r: train.Run, plan: train.Plan, state: train.TrainState, models: list,
+            tasks: list[data.Task], evaluates: list[Callable], splits: list[train.Splits],
+            ckpt: Checkpoints) -> dict:
+  """Scores every task's splits, writes results.json and each task's model, drops checkpoints."""
+  import shutil
+
+  cfg, results = r.cfg, r.results
+  losses = [float(x) for x in state.losses]
+  results["train_losses"] = losses
+  results["train_loss_last_epoch"] = (
+      float(np.mean(losses[-plan.steps_per_epoch:])) if losses else None)
+  t = time.perf_counter()
+  results["metrics"] = {f"{task.name}/{name}": evaluate(state.params, name)
+                        for task, evaluate, s in zip(tasks, evaluates, splits)
+                        for name in s.evals}
+  r.timings["eval_s"] = time.perf_counter() - t
+
+  def mean_main(split: str) -> float | None:
+    scores = [results["metrics"].get(f"{t.name}/{split}", {}).get(t.metrics[0]) for t in tasks]
+    return float(np.mean(scores)) if None not in scores else None
+
+  dev = sorted({name for s in splits for name in s.evals if name != train.SELECTION})
+  results["score"] = (float(np.mean([mean_main(n) for n in dev]))
+                      if dev and None not in map(mean_main, dev) else None)
+  if any(train.SELECTION in s.evals for s in splits):
+    results["selection_score"] = mean_main(train.SELECTION)  # the tasks' mean main metric
+    state.history["selection"][str(cfg.epochs)] = results["selection_score"]
+    results["selection_by_epoch"] = [state.history["selection"].get(str(e))
+                                     for e in range(1, cfg.epochs + 1)]
+  results["timings"] = r.timings
+  results["steps"] = plan.total_steps
+  results["versions"] = train.versions()
+  ckpt.close()
+  if cfg.save_model:
+    params = jax.tree_util.tree_map(parallel.to_host, state.params)
+  if r.primary:
+    if cfg.save_model:
+      folder = os.path.join(r.out_dir, "model")
+      tmp = folder + ".tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
+      for i, (task, model) in enumerate(zip(tasks, models)):
+        model.save(os.path.join(tmp, task.name),
+                   {**params["shared"], HEAD: params["heads"][str(i)]})
+      shutil.rmtree(folder, ignore_errors=True)
+      os.replace(tmp, folder)
+    files.write_json(os.path.join(r.out_dir, "results.json"), results)
+    shutil.rmtree(os.path.join(r.out_dir, "checkpoints"), ignore_errors=True)
+    history_path = os.path.join(r.out_dir, train.HISTORY_FILE)
+    if os.path.exists(history_path):
+      os.remove(history_path)
+  parallel.barrier(f"finished {r.out_dir}")
+  return results
+
+
+__all__ = ["COMBINE", "MODES", "MultitaskConfig", "TaskStream", "run", "task_probabilities",
+           "task_sequence"]
