@@ -5,7 +5,8 @@ the test seeds, the paired difference to vanilla with a 95% bootstrap interval a
 of seeds above and below; the selection grid), ``OUT/sensitivity.png`` (mean selection score
 against learning rate, one line per method, per task), ``OUT/loss_curves.png`` (training
 loss of one seed at each method's chosen point) and ``OUT/dynamic_networks.png`` (the
-Jaccard between successive dynamic child networks over training).
+Jaccard between successive dynamic child networks over training) and, for the NLI arm,
+``OUT/transfer.png`` (in-domain against SICK accuracy, per test seed and method).
 
   python examples/analyze_tuned.py --out results/tuned
 """
@@ -26,7 +27,11 @@ from analyze_study import paired_bootstrap  # noqa: E402
 
 from childtune_jax.app import files  # noqa: E402
 
-METRIC = {"sst2": "accuracy", "cola": "matthews", "mrpc": "f1", "rte": "accuracy"}
+METRIC = {"sst2": "accuracy", "cola": "matthews", "mrpc": "f1", "rte": "accuracy",
+          "snli": "accuracy", "glue4": "mean main metric"}
+TASKS = tuple(METRIC)
+MULTI, MULTI_TASKS = "glue4", ("sst2", "cola", "mrpc", "rte")
+IN_DOMAIN, TRANSFER = "heldout", "sick/test"  # the NLI arm's two test splits
 POINT = re.compile(r"lr(?P<lr>[0-9.e+-]+)-ep(?P<epochs>\d+)$")
 
 
@@ -61,15 +66,25 @@ def load_task(root: str) -> dict:
   return {"grid": grid, "curves": curves, "choices": choices, "tests": tests}
 
 
-def test_table(task: str, info: dict) -> list[str]:
+def _test_scores(runs: dict[int, dict], split: str, metric: str) -> dict[int, float]:
+  """A seed's test score on ``split``; ``gap``: in-domain minus transfer accuracy."""
+  if split == "gap":
+    return {s: r["metrics"][IN_DOMAIN][metric] - r["metrics"][TRANSFER][metric]
+            for s, r in runs.items()}
+  return {s: r["metrics"][split][metric] for s, r in runs.items()}
+
+
+def test_table(task: str, info: dict, split: str = "dev", label: str = "test") -> list[str]:
+  """Each method's test mean and its paired difference to vanilla, on one test split."""
   metric = METRIC[task]
-  lines = ["| method | chosen lr, epochs | selection score | test mean ± std | seeds | "
-           "Δ vs vanilla [95% CI] | above / below |", "|---|---|---:|---:|---:|---:|---:|"]
-  base = {s: r["metrics"]["dev"][metric] for s, r in info["tests"].get("vanilla", {}).items()}
+  lines = [f"| method | {'split' if split != 'dev' else 'chosen lr, epochs'} | selection score | "
+           f"{label} mean ± std | seeds | Δ vs vanilla [95% CI] | above / below |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+  base = _test_scores(info["tests"].get("vanilla", {}), split, metric)
   for method, choice in info["choices"].items():
     point = (choice["learning_rate"], choice["epochs"])
     sel = np.mean(info["grid"].get(method, {}).get(point, [np.nan]))
-    scores = {s: r["metrics"]["dev"][metric] for s, r in info["tests"].get(method, {}).items()}
+    scores = _test_scores(info["tests"].get(method, {}), split, metric)
     if scores:
       values = 100 * np.array(list(scores.values()))
       std = np.std(values, ddof=1) if len(values) > 1 else 0.0
@@ -85,8 +100,88 @@ def test_table(task: str, info: dict) -> list[str]:
         lo, hi = paired_bootstrap(d)
         diff += f" [{lo:+.2f}, {hi:+.2f}]"
       counts = f"{int((d > 0).sum())} / {int((d < 0).sum())}"
-    lines.append(f"| {method} | {point[0]:g}, {point[1]} | {100 * sel:.2f} | {test} | "
+    where = f"{point[0]:g}, {point[1]}" if split == "dev" else label
+    lines.append(f"| {method} | {where} | {100 * sel:.2f} | {test} | "
                  f"{len(scores)} | {diff} | {counts} |")
+  return lines
+
+
+def _paired(scores: dict[int, float], base: dict[int, float]) -> tuple[str, str]:
+  """The paired difference (points) with a 95% bootstrap interval, and seeds above/below."""
+  paired = sorted(set(scores) & set(base))
+  if not paired:
+    return "", ""
+  d = 100 * np.array([scores[s] - base[s] for s in paired])
+  text = f"{d.mean():+.2f}"
+  if len(d) >= 3:
+    lo, hi = paired_bootstrap(d)
+    text += f" [{lo:+.2f}, {hi:+.2f}]"
+  return text, f"{int((d > 0).sum())} / {int((d < 0).sum())}"
+
+
+def multitask_tables(tasks: dict[str, dict]) -> list[str]:
+  """Per task: single-task vanilla and D against multi-task vanilla and shared-D, by seed."""
+  multi = tasks[MULTI]["tests"]
+  lines = []
+  for task in MULTI_TASKS:
+    metric = METRIC[task]
+    single = tasks.get(task, {}).get("tests", {})
+    rows = {f"single-task {m}": _test_scores(single.get(m, {}), "dev", metric)
+            for m in ("vanilla", "D")}
+    rows.update({f"multi-task {m}": _test_scores(multi.get(m, {}), f"{task}/dev", metric)
+                 for m in ("vanilla", "shared-D")})
+    lines += [f"### {task} ({metric}) in the multi-task arm", "",
+              "| run | test mean ± std | seeds | Δ vs single-task D [95% CI] | above / below | "
+              "Δ vs single-task vanilla [95% CI] | above / below |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, scores in rows.items():
+      if not scores:
+        lines.append(f"| {name} | not yet | 0 | | | | |")
+        continue
+      values = 100 * np.array(list(scores.values()))
+      std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+      vs_d = _paired(scores, rows["single-task D"]) if name != "single-task D" else ("", "")
+      vs_v = (_paired(scores, rows["single-task vanilla"])
+              if name != "single-task vanilla" else ("", ""))
+      lines.append(f"| {name} | {values.mean():.2f} ± {std:.2f} | {len(values)} | "
+                   f"{vs_d[0]} | {vs_d[1]} | {vs_v[0]} | {vs_v[1]} |")
+    lines.append("")
+  return lines
+
+
+def shared_jaccard(out: str) -> dict:
+  """Jaccard of each test seed's shared network with each task's own D network, by task.
+
+  Read from the runs' ``child_mask.npz`` (encoder layers only) where they are on disk, and
+  kept in ``OUT/glue4/jaccard.json`` for where they are not (the masks are not committed).
+  """
+  path = os.path.join(out, MULTI, "jaccard.json")
+  found = _read(path) if os.path.exists(path) else {}
+  for shared_path in glob.glob(os.path.join(out, MULTI, "test", "shared-D", "seed-*",
+                                            "child_mask.npz")):
+    seed = os.path.basename(os.path.dirname(shared_path))
+    with np.load(shared_path) as f:
+      shared = {k[len("shared/"):]: f[k] for k in f if k.startswith("shared/")}
+    for task in MULTI_TASKS:
+      own_path = os.path.join(out, task, "test", "D", seed, "child_mask.npz")
+      if not os.path.exists(own_path):
+        continue
+      with np.load(own_path) as f:
+        keys = [k for k in f if "layer" in k and k in shared]
+        inter = sum(int(np.sum(f[k] & shared[k])) for k in keys)
+        union = sum(int(np.sum(f[k] | shared[k])) for k in keys)
+      found.setdefault(task, {})[seed] = inter / union if union else 1.0
+  if found:
+    files.write_json(path, found)
+  return found
+
+
+def transfer_tables(task: str, info: dict) -> list[str]:
+  """The NLI arm: in-domain (held-out SNLI), SICK zero-shot, and the gap between them."""
+  lines = []
+  for split, label in ((IN_DOMAIN, "in-domain (SNLI held-out)"), (TRANSFER, "SICK test"),
+                       ("gap", "in-domain − SICK (gap)")):
+    lines += test_table(task, info, split, label) + [""]
   return lines
 
 
@@ -162,6 +257,25 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
     fig.tight_layout()
     files.save_figure(fig, os.path.join(out, "dynamic_networks.png"), dpi=110)
   plt.close(fig)
+  if tasks.get("snli", {}).get("tests"):
+    transfer_plot(out, tasks["snli"], plt)
+
+
+def transfer_plot(out: str, info: dict, plt: object) -> None:
+  """In-domain (held-out SNLI) against SICK accuracy, one point per test seed and method."""
+  fig, ax = plt.subplots(figsize=(5.2, 4.4))
+  for method, runs in info["tests"].items():
+    seeds = sorted(runs)
+    x = [100 * runs[s]["metrics"][IN_DOMAIN]["accuracy"] for s in seeds]
+    y = [100 * runs[s]["metrics"][TRANSFER]["accuracy"] for s in seeds]
+    ax.scatter(x, y, label=method, alpha=0.8)
+  ax.set_xlabel("in-domain accuracy (SNLI held-out)")
+  ax.set_ylabel("out-of-domain accuracy (SICK test, zero-shot)")
+  ax.set_title("SNLI → SICK, one point per test seed", fontsize=10)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  files.save_figure(fig, os.path.join(out, "transfer.png"), dpi=110)
+  plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -169,17 +283,35 @@ def main(argv: list[str] | None = None) -> str:
   parser.add_argument("--out", default="results/tuned")
   parser.add_argument("--no-plots", action="store_true")
   args = parser.parse_args(argv)
-  tasks = {t: load_task(os.path.join(args.out, t)) for t in ("sst2", "cola", "mrpc", "rte")
+  tasks = {t: load_task(os.path.join(args.out, t)) for t in TASKS
            if os.path.isdir(os.path.join(args.out, t))}
   if not tasks:
     sys.exit(f"no task folders in {args.out}: run examples/tuned_study.py first")
   lines = ["# Tuned study: results so far", "",
            "Generated by `python examples/analyze_tuned.py`; the protocol is in README.md. "
-           "Scores in points (x100). Test = the official dev set, scored only at each "
-           "method's chosen point.", ""]
+           "Scores in points (x100). Test = the official dev set (snli: the held-out SNLI "
+           "split and SICK's test part), scored only at each method's chosen point.", ""]
   for task, info in tasks.items():
     lines += [f"## {task} ({METRIC[task]})", ""]
-    if info["choices"]:
+    if info["choices"] and task == "snli":
+      lines += transfer_tables(task, info)
+    elif task == MULTI:
+      if info["choices"]:
+        lines += ["| method | chosen lr, epochs | selection score (the tasks' mean) |",
+                  "|---|---|---:|"]
+        for method, c in info["choices"].items():
+          point = (c["learning_rate"], c["epochs"])
+          sel = np.mean(info["grid"].get(method, {}).get(point, [np.nan]))
+          lines.append(f"| {method} | {point[0]:g}, {point[1]} | {100 * sel:.2f} |")
+        lines += [""] + multitask_tables(tasks)
+      jac = shared_jaccard(args.out)
+      if jac:
+        lines += ["Jaccard of the shared network with each task's own D network "
+                  "(encoder layers, per test seed):", "",
+                  "| task | mean | seeds |", "|---|---:|---:|"]
+        lines += [f"| {t} | {np.mean(list(v.values())):.3f} | {len(v)} |"
+                  for t, v in jac.items()] + [""]
+    elif info["choices"]:
       lines += test_table(task, info) + [""]
     lines += ["Selection grid (mean selection score, number of seeds):", ""]
     lines += grid_table(info) + [""]

@@ -1,4 +1,4 @@
-"""The tuned GLUE study: each method tuned on a selection split, then tested once on dev.
+"""The tuned study: each method tuned on a selection split, then tested once on unseen data.
 
 Protocol (``results/tuned/README.md``): per task and seed, 1,000 training examples and a
 disjoint selection split of 500 more, both drawn from the training file (``childtune train
@@ -6,6 +6,19 @@ disjoint selection split of 500 more, both drawn from the training file (``child
 with the dev set unseen (``--selection-only``); a method's point with the best mean
 selection score is its choice, and only then do fresh test seeds train at that point and
 score the official dev set, which so chooses nothing.
+
+The NLI transfer arm (task ``snli``, ``--nli DIR``; issue 20) follows the same protocol on
+SNLI: per seed 5,000 training pairs and a selection split of 1,000 more from SNLI's
+validation file, after a held-out split of 2,000 drawn once for all seeds (the in-domain
+test); the test runs also score SICK's TEST part zero-shot (``sick/test``).
+
+The multi-task arm (task ``glue4``; issue 18) trains SST-2, CoLA, MRPC and RTE together
+(``childtune multitask``: one encoder, a head per task), each task's data as in its own
+arm (the same 1,000 training examples and 500 selection examples per task and seed), by
+multi-task vanilla AdamW and by shared-D (one child network from the tasks' normalised
+Fisher information); its selection score is the tasks' mean main metric on their
+selection splits, and its test runs are compared per task with the single-task runs of
+the same seeds.
 
 Layout, all resumable (a finished run is never rerun; stop and continue at any time)::
 
@@ -16,7 +29,7 @@ Layout, all resumable (a finished run is never rerun; stop and continue at any t
   OUT/<task>/choice.json                    each method's chosen point, with the evidence
   OUT/<task>/test/<method>/seed-<s>/results.json   test runs at the chosen point
 
-  python examples/tuned_study.py --glue ../shared/glue --out results/tuned
+  python examples/tuned_study.py --glue ../shared/glue --nli ../shared/nli --out results/tuned
 
 Adding a method is one line in ``METHODS``.
 """
@@ -35,21 +48,42 @@ import numpy as np
 from childtune_jax.app import cli, files
 
 # The authors' per-task p (AliceMind issues); SST-2 has none stated: the default 0.3.
-P_F = {"cola": 0.2, "rte": 0.3, "mrpc": 0.4, "sst2": 0.3}
-P_D = {"cola": 0.2, "rte": 0.3, "mrpc": 0.1, "sst2": 0.3}
+# SNLI: none stated for this setting: the default 0.3.
+# glue4 (the four tasks together): one network for all, the default 0.3.
+P_F = {"cola": 0.2, "rte": 0.3, "mrpc": 0.4, "sst2": 0.3, "snli": 0.3, "glue4": 0.3}
+P_D = {"cola": 0.2, "rte": 0.3, "mrpc": 0.1, "sst2": 0.3, "snli": 0.3, "glue4": 0.3}
 METHODS = {  # method: its childtune arguments; {p_F} and {p_D} are the task's p
     "vanilla": "--mode vanilla",
     "F": "--mode F --reserve-p {p_F}",
     "D": "--mode D --reserve-p {p_D} --fisher per-example",
     "dynamic": "--mode dynamic --reserve-p {p_D}",
+    "shared-D": "--mode shared-D --reserve-p {p_D}",  # multi-task only
 }
-MAX_LEN = {"sst2": 64, "cola": 64, "mrpc": 128, "rte": 128}
+MULTI, MULTI_TASKS = "glue4", ("sst2", "cola", "mrpc", "rte")
+TASK_METHODS = {MULTI: ("vanilla", "shared-D")}  # the rest: every single-task method
+SINGLE_METHODS = ("vanilla", "F", "D", "dynamic")
+MAX_LEN = {"sst2": 64, "cola": 64, "mrpc": 128, "rte": 128, "snli": 128, "glue4": 128}
 LEARNING_RATES = (2e-5, 5e-5, 1e-4, 2e-4, 5e-4)
 EPOCHS, LONG_EPOCHS = 3, 10
 SELECTION_SEEDS = (1, 2)
 TEST_SEEDS = (101, 102, 103, 104, 105)
 TRAIN_SAMPLES, SELECTION_SAMPLES = 1000, 500
+NLI_TRAIN, NLI_SELECTION, NLI_HELDOUT = 5000, 1000, 2000
 FAILED = "failed.json"  # a run that could not finish (e.g. diverged): never chosen
+
+
+def data_args(task: str, args: argparse.Namespace) -> list[str]:
+  """The task's data options: GLUE's files, or SNLI's validation file with SICK's test."""
+  if task == "snli":
+    if not args.nli:
+      sys.exit("task snli needs --nli DIR (the folder with SNLI/ and SICK/)")
+    return ["--data-dir", args.nli, "--train-split", "validation",
+            "--heldout-samples", str(NLI_HELDOUT), "--max-train-samples", str(NLI_TRAIN),
+            "--selection-samples", str(NLI_SELECTION), "--eval-task", "sick:test"]
+  if not args.glue:
+    sys.exit(f"task {task} needs --glue DIR")
+  return ["--data-dir", args.glue, "--max-train-samples", str(TRAIN_SAMPLES),
+          "--selection-samples", str(SELECTION_SAMPLES)]
 
 
 def method_args(method: str, task: str) -> list[str]:
@@ -104,10 +138,11 @@ class Study:
              extra: Sequence[str]) -> None:
     if any(os.path.exists(os.path.join(out, f"seed-{seed}", n)) for n in ("results.json", FAILED)):
       return
-    argv = ["train", "--task", self.task, *method_args(method, self.task),
-            "--data-dir", self.args.glue, "--max-train-samples", str(TRAIN_SAMPLES),
-            "--selection-samples", str(SELECTION_SAMPLES),
-            "--max-seq-length", str(MAX_LEN[self.task]), "--learning-rate", f"{lr:g}",
+    command = (["multitask", "--tasks", *MULTI_TASKS] if self.task == MULTI
+               else ["train", "--task", self.task])
+    argv = [*command, *method_args(method, self.task),
+            *data_args(self.task, self.args), "--max-seq-length", str(MAX_LEN[self.task]),
+            "--learning-rate", f"{lr:g}",
             "--epochs", str(epochs), "--seeds", str(seed), "--no-save-model",
             "--save-every", "100", "--output-dir", out, "--resume", *extra,
             "--backend", self.args.backend]
@@ -159,6 +194,7 @@ class Study:
                       "scores": s} for p, s in sorted(scores.items())]}  # null: diverged
 
   def run(self, methods: Sequence[str]) -> None:
+    methods = [m for m in methods if m in TASK_METHODS.get(self.task, SINGLE_METHODS)]
     choice_path = os.path.join(self.root, "choice.json")
     choices = {}
     if os.path.exists(choice_path):
@@ -177,9 +213,11 @@ class Study:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--glue", required=True, help="folder with the GLUE TSV tasks")
+  parser.add_argument("--glue", help="folder with the GLUE TSV tasks")
+  parser.add_argument("--nli", help="folder with SNLI/ and SICK/ (task snli)")
   parser.add_argument("--out", default="results/tuned")
-  parser.add_argument("--tasks", nargs="+", default=["sst2", "cola", "mrpc", "rte"],
+  parser.add_argument("--tasks", nargs="+",
+                      default=["sst2", "cola", "mrpc", "rte", "glue4", "snli"],
                       choices=sorted(MAX_LEN))
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
   parser.add_argument("--model", help="default: the packaged all-MiniLM-L6-v2")

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from childtune_jax.app import cli, files
 
@@ -139,3 +140,73 @@ def test_driver_extends_rising_points_records_failures_and_never_chooses_them(
   study.main(["--glue", GLUE, "--out", out, "--tasks", "sst2", "--methods", "F",
               "--compilation-cache", ""])
   assert len(calls) == n  # failed runs are results too: not retried
+
+
+def test_nli_arm_selects_on_snli_and_tests_on_heldout_and_sick(tmp_path, monkeypatch):
+  study, analyze = _load(), _load("analyze_tuned")
+  for name, value in (("LEARNING_RATES", (1e-4, 3e-3)), ("SELECTION_SEEDS", (1,)),
+                      ("TEST_SEEDS", (7, 8, 9)), ("NLI_TRAIN", 16), ("NLI_SELECTION", 8),
+                      ("NLI_HELDOUT", 10), ("EPOCHS", 1), ("LONG_EPOCHS", 2),
+                      ("MAX_LEN", {"snli": 32})):
+    monkeypatch.setattr(study, name, value)
+  out = str(tmp_path / "tuned")
+  study.main(["--nli", os.path.join(HERE, "fixtures", "nli"), "--out", out, "--model", TINY,
+              "--backend", "nnx", "--tasks", "snli", "--methods", "vanilla", "F",
+              "--compilation-cache", ""])
+  root = os.path.join(out, "snli")
+  for lr in (1e-4, 3e-3):  # selection runs see neither the held-out split nor SICK
+    r = _read(os.path.join(root, "select", "F", f"lr{lr:g}-ep1", "seed-1", "results.json"))
+    assert set(r["metrics"]) == {"selection"}
+  tests = {m: {s: _read(os.path.join(root, "test", m, f"seed-{s}", "results.json"))
+               for s in (7, 8, 9)} for m in ("vanilla", "F")}
+  for runs in tests.values():
+    for r in runs.values():
+      assert set(r["metrics"]) == {"heldout", "sick/test", "selection"}
+  text = analyze.main(["--out", out, "--no-plots"])
+  # The transfer table: each split's mean, and the paired gap (in-domain minus SICK) vs vanilla.
+  gap = {m: [100 * (r["metrics"]["heldout"]["accuracy"] - r["metrics"]["sick/test"]["accuracy"])
+             for _, r in sorted(runs.items())] for m, runs in tests.items()}
+  d = np.array(gap["F"]) - np.array(gap["vanilla"])
+  row = next(line for line in text.splitlines() if line.startswith("| F | in-domain − SICK"))
+  assert f"| {np.mean(gap['F']):.2f} ± {np.std(gap['F'], ddof=1):.2f} | 3 |" in row
+  assert f"| {d.mean():+.2f} [" in row
+
+
+def test_multitask_arm_compares_each_task_with_its_single_task_runs(tmp_path, monkeypatch):
+  study, analyze = _load(), _load("analyze_tuned")
+  for name, value in (("LEARNING_RATES", (1e-3,)), ("SELECTION_SEEDS", (1,)),
+                      ("TEST_SEEDS", (7,)), ("TRAIN_SAMPLES", 16), ("SELECTION_SAMPLES", 8),
+                      ("EPOCHS", 1), ("LONG_EPOCHS", 2), ("MULTI_TASKS", ("rte", "mrpc")),
+                      ("MAX_LEN", {"rte": 32, "mrpc": 32, "glue4": 32})):
+    monkeypatch.setattr(study, name, value)
+  monkeypatch.setattr(analyze, "MULTI_TASKS", ("rte", "mrpc"))
+  out = str(tmp_path / "tuned")
+  study.main(["--glue", GLUE, "--out", out, "--model", TINY, "--backend", "nnx", "--tasks",
+              "rte", "mrpc", "glue4", "--methods", "vanilla", "D", "shared-D",
+              "--compilation-cache", ""])
+  assert not os.path.exists(os.path.join(out, "rte", "test", "shared-D"))  # multi-task only
+  assert set(os.listdir(os.path.join(out, "glue4", "test"))) == {"vanilla", "shared-D"}
+  multi = _read(os.path.join(out, "glue4", "test", "shared-D", "seed-7", "results.json"))
+  assert multi["config"]["task"] == "rte,mrpc" and "rte/dev" in multi["metrics"]
+  text = analyze.main(["--out", out, "--no-plots"])
+  # Multi-task shared-D against single-task D on RTE, paired by seed.
+  single = {s: _read(os.path.join(out, "rte", "test", "D", f"seed-{s}", "results.json"))
+            for s in (7,)}
+  shared = {s: _read(os.path.join(out, "glue4", "test", "shared-D", f"seed-{s}",
+                                  "results.json")) for s in (7,)}
+  d = np.mean([100 * (shared[s]["metrics"]["rte/dev"]["accuracy"]
+                      - single[s]["metrics"]["dev"]["accuracy"]) for s in (7,)])
+  section = text[text.index("### rte"):]
+  row = next(line for line in section.splitlines() if line.startswith("| multi-task shared-D"))
+  assert row.split("|")[4].strip() == f"{d:+.2f}"
+  # The Jaccard of the shared network with each task's own, over the encoder layers.
+  from childtune_jax import jaccard
+
+  jac = _read(os.path.join(out, "glue4", "jaccard.json"))
+  for task in ("rte", "mrpc"):
+    for s in (7,):
+      a = np.load(os.path.join(out, "glue4", "test", "shared-D", f"seed-{s}", "child_mask.npz"))
+      b = np.load(os.path.join(out, task, "test", "D", f"seed-{s}", "child_mask.npz"))
+      keys = [k for k in b if "layer" in k]
+      want = jaccard({k: a["shared/" + k] for k in keys}, {k: b[k] for k in keys})
+      assert jac[task][f"seed-{s}"] == pytest.approx(want)
