@@ -37,9 +37,8 @@ from tqdm.auto import tqdm
 
 from childtune_jax import parallel
 from childtune_jax.app import data, files, loading, train
-from childtune_jax.app.checkpoints import Checkpoints, load_keep, save_keep
-from childtune_jax.fisher import fisher_information
-from childtune_jax.masks import COMBINE, is_encoder_layer, kept_fraction, shared_fisher_mask
+from childtune_jax.app.checkpoints import Checkpoints, load_keep
+from childtune_jax.masks import COMBINE, is_encoder_layer, shared_fisher_mask
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +185,7 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
     keep = load_keep(mask_path, params)
   else:
     t = time.perf_counter()
-    fishers = []
-    for loss, s in zip(losses, splits):
-      order = data.fisher_order(len(s.train), cfg.seed)
-      batches = list(data.batches(s.train, cfg.batch_size, cfg.max_seq_length, s.pad_id, order,
-                                  bucket=cfg.pad_multiple, pad_rows=jax.device_count() > 1))
-      if jax.device_count() > 1:  # split over the mesh (padding rows have weight 0)
-        batches = [parallel.put_batch(b, parallel.batch_sharding(r.mesh)) for b in batches]
-      fishers.append(fisher_information(loss, params, batches, weights_key="weights",
-                                        microbatch_size=cfg.fisher_microbatch))
+    fishers = [train.fisher_pass(r, loss, params, s) for loss, s in zip(losses, splits)]
     if cfg.mode == "D":  # the pooled examples: each task weighted by its examples
       counts = np.array([len(s.train) for s in splits], np.float64)
       pooled = jax.tree_util.tree_map(
@@ -204,13 +195,7 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
       keep = shared_fisher_mask(fishers, cfg.reserve_p, combine=cfg.combine,
                                 where=is_encoder_layer)
     r.timings["fisher_s"] = time.perf_counter() - t
-  host_keep = jax.tree_util.tree_map(parallel.to_host, keep)
-  if r.primary:
-    save_keep(mask_path, host_keep)
-  kept, total = kept_fraction(keep, where=is_encoder_layer)
-  r.results["child_network"] = {"kept": kept, "total": total, "fraction": kept / total}
-  logger.info("shared child network: %d of %d encoder-layer scalars (%.2f%%)", kept, total,
-              100 * kept / total)
+  train.record_network(r, keep, mask_path)
   return keep
 
 
@@ -268,7 +253,7 @@ def _loop(r: train.Run, plan: train.Plan, state: train.TrainState, train_step: C
       step = state.step
       saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps)
       if step % plan.steps_per_epoch == 0 or saving or step == plan.total_steps:
-        train._check_finite(state.losses, state.params, step, ckpt)
+        train.check_finite(state.losses, state.params, step, ckpt)
       if step % plan.steps_per_epoch == 0 and step < plan.total_steps:
         score = selection(state.params)
         if score is not None:

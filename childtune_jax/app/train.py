@@ -158,9 +158,16 @@ def versions() -> dict[str, str]:
   return out
 
 
-def _check_finite(losses: list, params: Any, step: int, ckpt: Checkpoints) -> None:
-  """Stops a run whose loss or parameters are no longer finite (before any checkpoint of them)."""
-  values = np.array([float(x) for x in losses])
+def check_finite(losses: list, params: Any, step: int, ckpt: Checkpoints) -> None:
+  """Stops a run whose loss or parameters are no longer finite (before any checkpoint of them).
+
+  The losses' device scalars become Python floats in place, each read from the device once.
+  """
+  for i in range(len(losses) - 1, -1, -1):  # the new ones are at the end
+    if isinstance(losses[i], float):
+      break
+    losses[i] = float(losses[i])
+  values = np.array(losses, np.float64)
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size or not _all_finite(params):
     where = f"at step {bad[0] + 1}" if bad.size else f"in the parameters by step {step}"
@@ -312,27 +319,43 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
     r.results["child_mask_sha256"] = files.sha256(cfg.child_mask)
   elif cfg.mode == "D":
     t = time.perf_counter()
-    several = jax.device_count() > 1
-    order = data.fisher_order(len(splits.train), cfg.seed)
-    batches = list(data.batches(splits.train, cfg.batch_size, cfg.max_seq_length, splits.pad_id,
-                                order, bucket=cfg.pad_multiple, pad_rows=several))
-    if several:  # split over the mesh (padding rows have weight 0)
-      sharding = parallel.batch_sharding(r.mesh)
-      batches = [parallel.put_batch(b, sharding) for b in batches]
-    per_example = cfg.fisher == "per-example"
-    fisher = fisher_information(
-        loss_fn, params, batches, per_example=per_example,
-        microbatch_size=cfg.fisher_microbatch if per_example else None,
-        weights_key="weights" if per_example else None,
-        max_grad_norm=None if per_example else cfg.max_grad_norm)
-    keep = fisher_mask(fisher, cfg.reserve_p, where=is_encoder_layer)
+    keep = fisher_mask(fisher_pass(r, loss_fn, params, splits), cfg.reserve_p,
+                       where=is_encoder_layer)
     r.timings["fisher_s"] = time.perf_counter() - t
   else:
     size = {"reserve_p": cfg.reserve_p}
     if keep_like_d:
       size = {"count": kept_fraction(load_keep(keep_like_d, params), where=is_encoder_layer)[0]}
     keep = random_keep(cfg.seed + 1_000_003, params, **size, where=is_encoder_layer)
-  host_keep = jax.tree_util.tree_map(parallel.to_host, keep)  # every process gathers
+  record_network(r, keep, mask_path)
+  return keep
+
+
+def fisher_pass(r: Run, loss_fn: Callable, params: Any, splits: Splits) -> Any:
+  """The Fisher information on the training split, sharded over the mesh's devices.
+
+  ``cfg.fisher``: ``per-example`` (the paper's) or ``per-batch`` (the reference code's,
+  with its per-tensor clip); batches in the seed's Fisher order.
+  """
+  cfg = r.cfg
+  several = jax.device_count() > 1
+  order = data.fisher_order(len(splits.train), cfg.seed)
+  batches = list(data.batches(splits.train, cfg.batch_size, cfg.max_seq_length, splits.pad_id,
+                              order, bucket=cfg.pad_multiple, pad_rows=several))
+  if several:  # split over the mesh (padding rows have weight 0)
+    sharding = parallel.batch_sharding(r.mesh)
+    batches = [parallel.put_batch(b, sharding) for b in batches]
+  per_example = cfg.fisher == "per-example"
+  return fisher_information(
+      loss_fn, params, batches, per_example=per_example,
+      microbatch_size=cfg.fisher_microbatch if per_example else None,
+      weights_key="weights" if per_example else None,
+      max_grad_norm=None if per_example else cfg.max_grad_norm)
+
+
+def record_network(r: Run, keep: Any, mask_path: str) -> None:
+  """Saves a fixed child network (gathered by every process) and records and logs its size."""
+  host_keep = jax.tree_util.tree_map(parallel.to_host, keep)
   if r.primary:
     save_keep(mask_path, host_keep)
   kept, total = kept_fraction(keep, where=is_encoder_layer)
@@ -340,7 +363,6 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
   logger.info("child network: %d of %d encoder-layer scalars (%.2f%%)%s", kept, total,
               100 * kept / total,
               f", Fisher pass {r.timings['fisher_s']:.1f}s" if "fisher_s" in r.timings else "")
-  return keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,7 +526,7 @@ def train_loop(r: Run, plan: Plan, state: TrainState, train_step: Callable, eval
       end_of_epoch = step % plan.steps_per_epoch == 0
       saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps)
       if end_of_epoch or saving or step == plan.total_steps:
-        _check_finite(state.losses, state.params, step, ckpt)
+        check_finite(state.losses, state.params, step, ckpt)
       if SELECTION in splits.evals and end_of_epoch and step < plan.total_steps:
         state.history["selection"][str(step // plan.steps_per_epoch)] = evaluate(
             state.params, SELECTION)
