@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -224,3 +225,33 @@ def test_glue_study_full_data_passes_no_subset_size(tmp_path, monkeypatch, capsy
   with pytest.raises(SystemExit):
     study.main()
   assert "must be a positive integer or 'all', got 0" in capsys.readouterr().err
+
+
+def test_clip_child_tuning_smoke_run(tmp_path):
+  pytest.importorskip("sklearn")
+  example = _load("clip_child_tuning")
+  report = example.main(["--smoke", "--out", str(tmp_path)])
+  assert set(report["methods"]) == {"vanilla", "F", "D"}
+  assert report["data"] == {"pretrain": 1000, "train": 200, "selection": 200, "test": 397}
+  # D keeps each tower's own 30% of its layers' scalars: the kept count, recomputed from
+  # the per-layer-type fractions and the tower's tensor sizes, agrees.
+  _, params = example.build()
+  from childtune_jax import clip
+  from childtune_jax._tree import leaf_paths
+
+  sizes: dict = {}
+  for path, x in zip(leaf_paths(params), jax.tree_util.tree_leaves(params)):
+    if clip.encoder_layers()(path):
+      tower = "vision" if clip.vision_tower(path) else "text"
+      kind = next(k for k in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",
+                              "layer_norm") if f"/{k}" in path)
+      sizes.setdefault(tower, {}).setdefault(kind, 0)
+      sizes[tower][kind] += x.size
+  anatomy = report["d_network"]["anatomy"]
+  for tower in ("vision", "text"):
+    kept = sum(anatomy[tower][k] * n for k, n in sizes[tower].items())
+    total = sum(sizes[tower].values())
+    assert abs(kept / total - 0.3) < 1e-3
+  assert report["d_network"]["total"] == sum(sum(v.values()) for v in sizes.values())
+  with open(tmp_path / "summary.md") as f:
+    assert "| zero-shot (prompts, no fine-tuning) |" in f.read()
