@@ -129,7 +129,6 @@ def test_multitask_resumes_bitwise_and_scores_each_task_with_its_own_head(tmp_pa
 @pytest.mark.parametrize("extra, message", [
     (["--tasks", "rte", "rte"], "two or more different tasks"),
     (["--tasks", "rte"], "two or more different tasks"),
-    (["--child-mask", "x.npz"], "--child-mask: not supported by multitask"),
     (["--selection-only"], "--selection-only needs --selection-samples"),
 ])
 def test_bad_multitask_options_one_line_exit_2(tmp_path, capsys, extra, message):
@@ -151,3 +150,14 @@ def test_selection_split_per_task_and_its_mean_by_epoch(tmp_path):
   assert res["selection_score"] == pytest.approx(main)
   assert len(res["selection_by_epoch"]) == 2 and res["selection_by_epoch"][1] == pytest.approx(main)
   assert res["selection_by_epoch"][0] is not None
+
+
+@pytest.mark.parametrize("option", [["--child-mask", "x.npz"], ["--every", "5"],
+                                    ["--train-file", "t.csv"], ["--eval-task", "sick"]])
+def test_options_multitask_does_not_take_are_not_offered(tmp_path, capsys, option):
+  with pytest.raises(SystemExit) as e:
+    cli.main([*ARGS, "--mode", "vanilla", *option, "--output-dir", str(tmp_path / "run")])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert f"unrecognized arguments: {' '.join(option)}" in err and err.count("\n") == 1
+  assert not (tmp_path / "run").exists()

