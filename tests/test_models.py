@@ -160,3 +160,18 @@ def test_minilm_encoder_equals_transformers_when_both_are_installed():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want.last_hidden_state), atol=1e-5)
   pooled = model.bert.pooler(got)
   np.testing.assert_allclose(np.asarray(pooled), np.asarray(want.pooler_output), atol=1e-5)
+
+
+def test_dropout_masks_every_element_on_its_own_and_rescales():
+  from flax import nnx
+
+  from childtune_jax.models import bert
+
+  x = jnp.ones((64, 4, 16, 16), jnp.float32)
+  out = np.asarray(bert._drop(nnx.Dropout(0.25), x, nnx.Rngs(dropout=0)))
+  assert set(np.unique(out).tolist()) <= {0.0, np.float32(1 / 0.75)}
+  dropped = float(np.mean(out == 0))
+  assert abs(dropped - 0.25) < 5 * np.sqrt(0.25 * 0.75 / out.size)
+  # Not one mask broadcast over the batch (as transformers' Flax BERT does for attention).
+  assert (out[0] != out[1]).any()
+  np.testing.assert_array_equal(bert._drop(nnx.Dropout(0.25), x, None), x)  # no key: no dropout
