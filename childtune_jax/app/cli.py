@@ -207,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _load_checked(args: argparse.Namespace, task: data.Task):
+  """:func:`_load_data`, and the checks its splits allow before any seed runs."""
+  train_set, evals = _load_data(args, task)
+  if args.selection_samples:  # its size does not depend on the seed: check it once, early
+    data.split_selection(train_set, args.max_train_samples, args.selection_samples, 0)
+  for split in evals.values():
+    if task.is_regression and len(split) < 2:
+      raise UsageError(f"{split.source}: {task.name} needs at least 2 evaluation examples for "
+                       f"its correlations, got {len(split)}")
+  return train_set, evals
+
+
 def _eval_tasks(specs: list[str] | None, task: data.Task) -> list[tuple[data.Task, str]]:
   """``--eval-task TASK[:SPLIT]`` as (task, split) pairs; the labels must be the run's own."""
   out = []
@@ -521,6 +533,8 @@ def _check_mask_file(option: str, path: str, model: str, task: data.Task,
 
 def _check_run_options(args: argparse.Namespace) -> str | None:
   """The checks every training command makes first; returns the compilation cache to use."""
+  if args.selection_only and not args.selection_samples:
+    raise UsageError("--selection-only needs --selection-samples N")
   import jax
 
   from childtune_jax import parallel
@@ -572,16 +586,8 @@ def train_command(args: argparse.Namespace) -> dict:
     raise UsageError("--every and --full-stage go with --mode dynamic")
   if args.mode == "dynamic" and args.freeze_non_child:
     raise UsageError("--freeze-non-child is for modes F and D")
-  if args.selection_only and not args.selection_samples:
-    raise UsageError("--selection-only needs --selection-samples N")
   cache = _check_run_options(args)
-  train_set, evals = _load_data(args, task)
-  if args.selection_samples:  # its size does not depend on the seed: check it once, early
-    data.split_selection(train_set, args.max_train_samples, args.selection_samples, 0)
-  for split in evals.values():
-    if task.is_regression and len(split) < 2:
-      raise UsageError(f"{split.source}: {task.name} needs at least 2 evaluation examples for "
-                       f"its correlations, got {len(split)}")
+  train_set, evals = _load_checked(args, task)
   _check_model(args.model, args.max_seq_length, args.backend)
   for option, path in (("--random-like", args.random_like), ("--child-mask", args.child_mask)):
     if path:
@@ -658,16 +664,8 @@ def multitask_command(args: argparse.Namespace) -> dict:
   tasks = [data.TASKS[name] for name in args.tasks]
   if len(set(args.tasks)) != len(args.tasks) or len(tasks) < 2:
     raise UsageError(f"--tasks takes two or more different tasks, got {' '.join(args.tasks)}")
-  if args.selection_only and not args.selection_samples:
-    raise UsageError("--selection-only needs --selection-samples N")
   cache = _check_run_options(args)
-  datasets = {}
-  for task in tasks:
-    train_set, evals = (data.load_glue_folder(task, args.data_dir) if args.data_dir
-                        else data.load_hf_glue(task))
-    if args.selection_samples:
-      data.split_selection(train_set, args.max_train_samples, args.selection_samples, 0)
-    datasets[task.name] = (train_set, evals)
+  datasets = {task.name: _load_checked(args, task) for task in tasks}
   _check_model(args.model, args.max_seq_length, args.backend)
   joined = data.Task(",".join(args.tasks), (), "", None,
                      tuple(dict.fromkeys(m for t in tasks for m in t.metrics)), "")

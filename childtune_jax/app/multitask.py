@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from childtune_jax import parallel
-from childtune_jax.app import data, files, loading, train
+from childtune_jax.app import data, train
 from childtune_jax.app.checkpoints import Checkpoints, load_keep
 from childtune_jax.masks import COMBINE, is_encoder_layer, shared_fisher_mask
 
@@ -107,30 +107,15 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
   tasks = cfg.tasks
   r = train.start(cfg, out_dir, task=tasks[0])
   t0 = time.perf_counter()
-  init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
   models, splits = [], []
   for task in tasks:
-    model, tokenizer = loading.load_classifier(cfg.model, task.num_labels, init_seed,
-                                               getattr(jnp, cfg.dtype), cfg.backend)
-    train_set, evals = datasets[task.name]
-    evals = dict(evals) if cfg.eval_dev else {}
-    if cfg.selection_samples:
-      train_set, evals[train.SELECTION] = data.split_selection(
-          train_set, cfg.max_train_samples, cfg.selection_samples, cfg.seed)
-    else:
-      train_set = data.subsample(train_set, cfg.max_train_samples, cfg.seed)
+    model, tokenizer = train.classifier_for(cfg, task)
+    split, digests = train.make_splits(cfg, tokenizer, *datasets[task.name])
     models.append(model)
-    splits.append(train.Splits(
-        train=data.encode(tokenizer, train_set, cfg.max_seq_length),
-        evals={k: data.encode(tokenizer, v, cfg.max_seq_length) for k, v in evals.items()},
-        pad_id=tokenizer.pad_token_id or 0))
-    r.results.setdefault("data_sha256", {})[task.name] = {
-        "train": train_set.digest(), **{k: v.digest() for k, v in evals.items()}}
-  params = _split_params([m.params for m in models])
-  params = jax.device_put(jax.device_get(params), parallel.shardings_by_shape(r.mesh, params))
+    splits.append(split)
+    r.results.setdefault("data_sha256", {})[task.name] = digests
   r.results["train_examples"] = {t.name: len(s.train) for t, s in zip(tasks, splits)}
-  r.results["device"] = {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
-                         "processes": jax.process_count(), "mesh": r.axes, "dtype": cfg.dtype}
+  params = train.place(r, _split_params([m.params for m in models]))
   r.timings["load_s"] = time.perf_counter() - t0
 
   def logits_of(i: int) -> Callable:
@@ -258,8 +243,7 @@ def _loop(r: train.Run, plan: train.Plan, state: train.TrainState, train_step: C
         score = selection(state.params)
         if score is not None:
           state.history["selection"][str(step // plan.steps_per_epoch)] = score
-          if r.primary:
-            files.write_json(os.path.join(r.out_dir, train.HISTORY_FILE), state.history)
+          train.write_history(r, state)
       if saving:
         ckpt.save(step, state.params, state.opt_state, state.all_losses(plan.total_steps))
   jax.block_until_ready(state.params)
@@ -271,8 +255,6 @@ def _finish(r: train.Run, plan: train.Plan, state: train.TrainState, models: lis
             tasks: list[data.Task], evaluates: list[Callable], splits: list[train.Splits],
             ckpt: Checkpoints) -> dict:
   """Scores every task's splits, writes results.json and each task's model, drops checkpoints."""
-  import shutil
-
   cfg, results = r.cfg, r.results
   losses = [float(x) for x in state.losses]
   results["train_losses"] = losses
@@ -296,29 +278,13 @@ def _finish(r: train.Run, plan: train.Plan, state: train.TrainState, models: lis
     state.history["selection"][str(cfg.epochs)] = results["selection_score"]
     results["selection_by_epoch"] = [state.history["selection"].get(str(e))
                                      for e in range(1, cfg.epochs + 1)]
-  results["timings"] = r.timings
-  results["steps"] = plan.total_steps
-  results["versions"] = train.versions()
-  ckpt.close()
-  if cfg.save_model:
-    params = jax.tree_util.tree_map(parallel.to_host, state.params)
-  if r.primary:
-    if cfg.save_model:
-      folder = os.path.join(r.out_dir, "model")
-      tmp = folder + ".tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
-      for i, (task, model) in enumerate(zip(tasks, models)):
-        model.save(os.path.join(tmp, task.name),
-                   {**params["shared"], HEAD: params["heads"][str(i)]})
-      shutil.rmtree(folder, ignore_errors=True)
-      os.replace(tmp, folder)
-    files.write_json(os.path.join(r.out_dir, "results.json"), results)
-    shutil.rmtree(os.path.join(r.out_dir, "checkpoints"), ignore_errors=True)
-    history_path = os.path.join(r.out_dir, train.HISTORY_FILE)
-    if os.path.exists(history_path):
-      os.remove(history_path)
-  parallel.barrier(f"finished {r.out_dir}")
-  return results
+
+  def save(folder: str, params: Any) -> None:  # each task's model: the encoder, its head
+    for i, (task, model) in enumerate(zip(tasks, models)):
+      model.save(os.path.join(folder, task.name),
+                 {**params["shared"], HEAD: params["heads"][str(i)]})
+
+  return train.write_outputs(r, plan, state, ckpt, save)
 
 
 __all__ = ["COMBINE", "MODES", "MultitaskConfig", "TaskStream", "run", "task_probabilities",

@@ -257,13 +257,16 @@ def start(cfg: TrainConfig, out_dir: str, task: data.Task | None = None) -> Run:
   return Run(cfg, task, out_dir, mesh, axes, primary, results, timings={})
 
 
-def load(r: Run, train_set: data.Examples, evals: dict[str, data.Examples]
-         ) -> tuple[loading.Classifier, Splits]:
-  """The model (float32 parameters on the mesh, ``cfg.dtype`` compute) and the encoded splits."""
-  cfg, t = r.cfg, time.perf_counter()
+def classifier_for(cfg: TrainConfig, task: data.Task) -> tuple[loading.Classifier, Any]:
+  """The run's model for ``task`` (``cfg.dtype`` compute, head from the init seed), tokenizer."""
   init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
-  model, tokenizer = loading.load_classifier(cfg.model, r.task.num_labels, init_seed,
-                                             getattr(jnp, cfg.dtype), cfg.backend)
+  return loading.load_classifier(cfg.model, task.num_labels, init_seed,
+                                 getattr(jnp, cfg.dtype), cfg.backend)
+
+
+def make_splits(cfg: TrainConfig, tokenizer: Any, train_set: data.Examples,
+                evals: dict[str, data.Examples]) -> tuple[Splits, dict[str, str]]:
+  """The seed's encoded splits (its training subset, its selection split) and their digests."""
   evals = dict(evals) if cfg.eval_dev else {}
   if cfg.selection_samples:
     train_set, evals[SELECTION] = data.split_selection(
@@ -274,14 +277,27 @@ def load(r: Run, train_set: data.Examples, evals: dict[str, data.Examples]
                   evals={k: data.encode(tokenizer, v, cfg.max_seq_length)
                          for k, v in evals.items()},
                   pad_id=tokenizer.pad_token_id or 0)
-  # From the host: every process holds the same values, each places its devices' shards.
-  model.params = jax.device_put(jax.device_get(model.params),
-                                parallel.shardings_by_shape(r.mesh, model.params))
-  r.results["train_examples"] = len(splits.train)
-  r.results["data_sha256"] = {"train": train_set.digest(),
-                              **{k: v.digest() for k, v in evals.items()}}
+  digests = {"train": train_set.digest(), **{k: v.digest() for k, v in evals.items()}}
+  return splits, digests
+
+
+def place(r: Run, params: Any) -> Any:
+  """Parameters on the mesh, from the host: each process places its devices' shards of the
+  values every process holds. Records the devices in the results."""
   r.results["device"] = {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
-                         "processes": jax.process_count(), "mesh": r.axes, "dtype": cfg.dtype}
+                         "processes": jax.process_count(), "mesh": r.axes, "dtype": r.cfg.dtype}
+  return jax.device_put(jax.device_get(params), parallel.shardings_by_shape(r.mesh, params))
+
+
+def load(r: Run, train_set: data.Examples, evals: dict[str, data.Examples]
+         ) -> tuple[loading.Classifier, Splits]:
+  """The model (float32 parameters on the mesh, ``cfg.dtype`` compute) and the encoded splits."""
+  t = time.perf_counter()
+  model, tokenizer = classifier_for(r.cfg, r.task)
+  splits, digests = make_splits(r.cfg, tokenizer, train_set, evals)
+  r.results["train_examples"] = len(splits.train)
+  r.results["data_sha256"] = digests
+  model.params = place(r, model.params)
   r.timings["load_s"] = time.perf_counter() - t
   return model, splits
 
@@ -479,7 +495,8 @@ def restore_or_start(r: Run, plan: Plan, ckpt: Checkpoints, params: Any, opt_sta
   return state
 
 
-def _write_history(r: Run, state: TrainState) -> None:
+def write_history(r: Run, state: TrainState) -> None:
+  """Keeps the history beside the checkpoints (process 0), for a resumed run."""
   if r.primary:
     files.write_json(os.path.join(r.out_dir, HISTORY_FILE), state.history)
 
@@ -522,7 +539,7 @@ def train_loop(r: Run, plan: Plan, state: TrainState, train_step: Callable, eval
       if network and step % cfg.grad_accum == 0 and t_opt >= network["full_stage"] \
           and (t_opt - network["full_stage"]) % network["every"] == 0:
         state.history["networks"].append(_network_change(network, state.opt_state, t_opt))
-        _write_history(r, state)
+        write_history(r, state)
       end_of_epoch = step % plan.steps_per_epoch == 0
       saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps)
       if end_of_epoch or saving or step == plan.total_steps:
@@ -530,7 +547,7 @@ def train_loop(r: Run, plan: Plan, state: TrainState, train_step: Callable, eval
       if SELECTION in splits.evals and end_of_epoch and step < plan.total_steps:
         state.history["selection"][str(step // plan.steps_per_epoch)] = evaluate(
             state.params, SELECTION)
-        _write_history(r, state)
+        write_history(r, state)
       if saving:
         ckpt.save(step, state.params, state.opt_state, state.all_losses(plan.total_steps))
   jax.block_until_ready(state.params)
@@ -567,18 +584,26 @@ def finish(r: Run, plan: Plan, state: TrainState, model: loading.Classifier,
                                      for e in range(1, cfg.epochs + 1)]
   if cfg.mode == "dynamic":
     results["child_network"]["selections"] = state.history["networks"]
+  return write_outputs(r, plan, state, ckpt, model.save)
+
+
+def write_outputs(r: Run, plan: Plan, state: TrainState, ckpt: Checkpoints,
+                  save: Callable[[str, Any], None]) -> dict:
+  """Closes a finished run: results.json, the model (``save(folder, params)``, written whole
+  or not at all), the checkpoints and history removed. Only process 0 writes."""
+  results = r.results
   results["timings"] = r.timings
   results["steps"] = plan.total_steps
   results["versions"] = versions()
   ckpt.close()
-  if cfg.save_model:  # gathered by every process (the parameters may span several)
+  if r.cfg.save_model:  # gathered by every process (the parameters may span several)
     params = jax.tree_util.tree_map(parallel.to_host, state.params)
   if r.primary:
-    if cfg.save_model:
+    if r.cfg.save_model:
       model_dir = os.path.join(r.out_dir, "model")
       tmp = model_dir + ".tmp"
       shutil.rmtree(tmp, ignore_errors=True)
-      model.save(tmp, params)
+      save(tmp, params)
       shutil.rmtree(model_dir, ignore_errors=True)
       os.replace(tmp, model_dir)
     files.write_json(os.path.join(r.out_dir, "results.json"), results)
