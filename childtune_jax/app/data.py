@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -166,6 +167,23 @@ def _finish(task: Task, texts: list[list[str]], labels: list, source: str) -> Ex
   return Examples(texts, np.asarray(labels, dtype), source)
 
 
+@contextlib.contextmanager
+def _text_file(path: str) -> Iterator[Any]:
+  """``path`` open as UTF-8 text; a folder, an unreadable file or a non-UTF-8 one, or bad
+  CSV inside, is a one-line :class:`DataError`."""
+  if os.path.isdir(path):
+    raise DataError(f"{path} is a folder, not a file")
+  try:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+      yield f
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+  except UnicodeDecodeError:
+    raise DataError(f"cannot read {path}: not UTF-8 text") from None
+  except csv.Error as e:
+    raise DataError(f"cannot read {path}: {e}") from None
+
+
 def read_glue_tsv(task: Task, path: str, part: str | None = None) -> Examples:
   """Reads one file of the GLUE TSV layout (headers, BOM and CoLA's header-less rows).
 
@@ -173,18 +191,9 @@ def read_glue_tsv(task: Task, path: str, part: str | None = None) -> Examples:
   by the task's ``split_column``, matched case-insensitively). Rows the task marks as
   unlabeled are skipped, with a count in the log.
   """
-  if os.path.isdir(path):
-    raise DataError(f"{path} is a folder, not a file")
   quoting = csv.QUOTE_MINIMAL if task.quoted else csv.QUOTE_NONE
-  try:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-      rows = list(csv.reader(f, delimiter="\t", quoting=quoting))
-  except OSError as e:
-    raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-  except UnicodeDecodeError:
-    raise DataError(f"cannot read {path}: not UTF-8 text") from None
-  except csv.Error as e:
-    raise DataError(f"cannot read {path}: {e}") from None
+  with _text_file(path) as f:
+    rows = list(csv.reader(f, delimiter="\t", quoting=quoting))
   rows = [r for r in rows if r]
   if task.header:
     if not rows:
@@ -231,27 +240,18 @@ def read_user_file(
 ) -> Examples:
   """Reads a CSV, TSV, JSON (a list of objects) or JSON Lines file of the user's."""
   ext = os.path.splitext(path)[1].lower()
-  if os.path.isdir(path):
-    raise DataError(f"{path} is a folder, not a file")
-  try:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-      if ext in (".json", ".jsonl"):
-        content = f.read()
-        try:
-          records = json.loads(content) if content.lstrip().startswith("[") else [
-              json.loads(line) for line in content.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}: invalid JSON: {e}") from None
-      elif ext in (".csv", ".tsv"):
-        records = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
-      else:
-        raise DataError(f"{path}: unknown file type {ext!r} (use .csv, .tsv, .json or .jsonl)")
-  except OSError as e:
-    raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-  except UnicodeDecodeError:
-    raise DataError(f"cannot read {path}: not UTF-8 text") from None
-  except csv.Error as e:
-    raise DataError(f"cannot read {path}: {e}") from None
+  with _text_file(path) as f:
+    if ext in (".json", ".jsonl"):
+      content = f.read()
+      try:
+        records = json.loads(content) if content.lstrip().startswith("[") else [
+            json.loads(line) for line in content.splitlines() if line.strip()]
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON: {e}") from None
+    elif ext in (".csv", ".tsv"):
+      records = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
+    else:
+      raise DataError(f"{path}: unknown file type {ext!r} (use .csv, .tsv, .json or .jsonl)")
   if not isinstance(records, list) or not records:
     raise DataError(f"{path}: no examples (expected a list of records)")
   for i, rec in enumerate(records, start=1):
