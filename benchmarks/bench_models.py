@@ -26,6 +26,42 @@ from flax import nnx
 from childtune_jax.models import EncoderConfig, SequenceClassifier, load_params
 from childtune_jax.models.loading import flax_to_pytorch_layout
 
+TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(4e-5))
+
+
+def make_batch(batch: int, seq: int) -> dict:
+  rng = np.random.default_rng(0)
+  return {"input_ids": rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
+          "attention_mask": np.ones((batch, seq), np.int32),
+          "token_type_ids": np.zeros((batch, seq), np.int32),
+          "labels": rng.integers(0, 2, batch).astype(np.int32)}
+
+
+def hf_apply(hf):
+  def apply(p, b, k):
+    return hf(b["input_ids"], b["attention_mask"], b["token_type_ids"], params=p,
+              dropout_rng=k, train=True).logits
+  return apply
+
+
+def nnx_apply(graphdef):
+  def apply(p, b, k):
+    return nnx.merge(graphdef, p)(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                  rngs=nnx.Rngs(dropout=k))
+  return apply
+
+
+def make_step(apply):
+  """The jitted train step (forward, backward, clip, AdamW; dropout on), params donated."""
+  def step(p, s, b, i):
+    def objective(p):
+      logits = apply(p, b, jax.random.fold_in(jax.random.key(0), i))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+    value, g = jax.value_and_grad(objective)(p)
+    u, s = TX.update(g, s, p)
+    return optax.apply_updates(p, u), s, value
+  return jax.jit(step, donate_argnums=(0, 1))
+
 
 def measure(size: str, batch: int, seq: int, reps: int, rounds: int) -> list[dict]:
   from transformers import BertConfig, FlaxBertForSequenceClassification
@@ -35,39 +71,15 @@ def measure(size: str, batch: int, seq: int, reps: int, rounds: int) -> list[dic
   nnx_model = SequenceClassifier(EncoderConfig("bert", **cfg), rngs=nnx.Rngs(0))
   load_params(nnx_model, flax_to_pytorch_layout(hf.params))  # the same weights: the same function
   graphdef, state = nnx.split(nnx_model)
-  rng = np.random.default_rng(0)
-  data = {"input_ids": rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
-          "attention_mask": np.ones((batch, seq), np.int32),
-          "token_type_ids": np.zeros((batch, seq), np.int32),
-          "labels": rng.integers(0, 2, batch).astype(np.int32)}
-
-  def hf_apply(p, b, k):
-    return hf(b["input_ids"], b["attention_mask"], b["token_type_ids"], params=p,
-              dropout_rng=k, train=True).logits
-
-  def nnx_apply(p, b, k):
-    return nnx.merge(graphdef, p)(b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                  rngs=nnx.Rngs(dropout=k))
-
-  applies = {"hf-flax": (hf_apply, hf.params), "nnx": (nnx_apply, nnx.to_pure_dict(state))}
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(4e-5))
-
-  def make_step(apply):
-    def step(p, s, b, i):
-      def objective(p):
-        logits = apply(p, b, jax.random.fold_in(jax.random.key(0), i))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
-      value, g = jax.value_and_grad(objective)(p)
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s, value
-    return jax.jit(step, donate_argnums=(0, 1))
-
+  data = make_batch(batch, seq)
+  applies = {"hf-flax": (hf_apply(hf), hf.params),
+             "nnx": (nnx_apply(graphdef), nnx.to_pure_dict(state))}
   steps, states, first = {}, {}, {}
   for name, (apply, params) in applies.items():
     steps[name] = make_step(apply)
     p = jax.tree_util.tree_map(jnp.copy, params)
     t = time.perf_counter()
-    p, s, _ = steps[name](p, tx.init(p), data, 0)
+    p, s, _ = steps[name](p, TX.init(p), data, 0)
     jax.block_until_ready(p)
     states[name], first[name] = (p, s), time.perf_counter() - t
   times: dict[str, list[float]] = {n: [] for n in applies}
@@ -95,37 +107,15 @@ def memory(impl: str, size: str, batch: int, seq: int) -> dict:
   cfg = dict(vocab_size=30522, num_labels=2, **SIZES[size])
   if impl == "nnx":
     graphdef, state = nnx.split(SequenceClassifier(EncoderConfig("bert", **cfg), rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(state)
-
-    def apply(p, b, k):
-      return nnx.merge(graphdef, p)(b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                    rngs=nnx.Rngs(dropout=k))
+    params, apply = nnx.to_pure_dict(state), nnx_apply(graphdef)
   else:
     from transformers import BertConfig, FlaxBertForSequenceClassification
 
     hf = FlaxBertForSequenceClassification(BertConfig(**cfg), seed=0)
-    params = hf.params
-
-    def apply(p, b, k):
-      return hf(b["input_ids"], b["attention_mask"], b["token_type_ids"], params=p,
-                dropout_rng=k, train=True).logits
-  rng = np.random.default_rng(0)
-  data = {"input_ids": rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
-          "attention_mask": np.ones((batch, seq), np.int32),
-          "token_type_ids": np.zeros((batch, seq), np.int32),
-          "labels": rng.integers(0, 2, batch).astype(np.int32)}
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(4e-5))
-
-  def step(p, s, b, i):
-    def objective(p):
-      logits = apply(p, b, jax.random.fold_in(jax.random.key(0), i))
-      return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
-    value, g = jax.value_and_grad(objective)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, value
-
-  fn = jax.jit(step, donate_argnums=(0, 1))
-  s = tx.init(params)
+    params, apply = hf.params, hf_apply(hf)
+  data = make_batch(batch, seq)
+  fn = make_step(apply)
+  s = TX.init(params)
   plan = fn.lower(params, s, data, 0).compile().memory_analysis()
   for i in range(3):
     params, s, value = fn(params, s, data, i)
