@@ -74,6 +74,26 @@ def _test_scores(runs: dict[int, dict], split: str, metric: str) -> dict[int, fl
   return {s: r["metrics"][split][metric] for s, r in runs.items()}
 
 
+def paired_columns(scores: dict[int, float], base: dict[int, float]) -> tuple[str, str]:
+  """The paired difference (points) with a 95% bootstrap interval, and seeds above/below."""
+  paired = sorted(set(scores) & set(base))
+  if not paired:
+    return "", ""
+  d = 100 * np.array([scores[s] - base[s] for s in paired])
+  text = f"{d.mean():+.2f}"
+  if len(d) >= 3:
+    lo, hi = paired_bootstrap(d)
+    text += f" [{lo:+.2f}, {hi:+.2f}]"
+  return text, f"{int((d > 0).sum())} / {int((d < 0).sum())}"
+
+
+def mean_std(scores: dict[int, float]) -> str:
+  """``mean ± std`` of the seeds' scores, in points."""
+  values = 100 * np.array(list(scores.values()))
+  std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+  return f"{values.mean():.2f} ± {std:.2f}"
+
+
 def test_table(task: str, info: dict, split: str = "dev", label: str = "test") -> list[str]:
   """Each method's test mean and its paired difference to vanilla, on one test split."""
   metric = METRIC[task]
@@ -85,38 +105,12 @@ def test_table(task: str, info: dict, split: str = "dev", label: str = "test") -
     point = (choice["learning_rate"], choice["epochs"])
     sel = np.mean(info["grid"].get(method, {}).get(point, [np.nan]))
     scores = _test_scores(info["tests"].get(method, {}), split, metric)
-    if scores:
-      values = 100 * np.array(list(scores.values()))
-      std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-      test = f"{values.mean():.2f} ± {std:.2f}"
-    else:
-      test = "not yet"
-    paired = sorted(set(scores) & set(base))
-    diff, counts = "", ""
-    if method != "vanilla" and paired:
-      d = 100 * np.array([scores[s] - base[s] for s in paired])
-      diff = f"{d.mean():+.2f}"
-      if len(d) >= 3:
-        lo, hi = paired_bootstrap(d)
-        diff += f" [{lo:+.2f}, {hi:+.2f}]"
-      counts = f"{int((d > 0).sum())} / {int((d < 0).sum())}"
+    test = mean_std(scores) if scores else "not yet"
+    diff, counts = paired_columns(scores, base) if method != "vanilla" else ("", "")
     where = f"{point[0]:g}, {point[1]}" if split == "dev" else label
     lines.append(f"| {method} | {where} | {100 * sel:.2f} | {test} | "
                  f"{len(scores)} | {diff} | {counts} |")
   return lines
-
-
-def _paired(scores: dict[int, float], base: dict[int, float]) -> tuple[str, str]:
-  """The paired difference (points) with a 95% bootstrap interval, and seeds above/below."""
-  paired = sorted(set(scores) & set(base))
-  if not paired:
-    return "", ""
-  d = 100 * np.array([scores[s] - base[s] for s in paired])
-  text = f"{d.mean():+.2f}"
-  if len(d) >= 3:
-    lo, hi = paired_bootstrap(d)
-    text += f" [{lo:+.2f}, {hi:+.2f}]"
-  return text, f"{int((d > 0).sum())} / {int((d < 0).sum())}"
 
 
 def multitask_tables(tasks: dict[str, dict]) -> list[str]:
@@ -138,12 +132,10 @@ def multitask_tables(tasks: dict[str, dict]) -> list[str]:
       if not scores:
         lines.append(f"| {name} | not yet | 0 | | | | |")
         continue
-      values = 100 * np.array(list(scores.values()))
-      std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-      vs_d = _paired(scores, rows["single-task D"]) if name != "single-task D" else ("", "")
-      vs_v = (_paired(scores, rows["single-task vanilla"])
+      vs_d = paired_columns(scores, rows["single-task D"]) if name != "single-task D" else ("", "")
+      vs_v = (paired_columns(scores, rows["single-task vanilla"])
               if name != "single-task vanilla" else ("", ""))
-      lines.append(f"| {name} | {values.mean():.2f} ± {std:.2f} | {len(values)} | "
+      lines.append(f"| {name} | {mean_std(scores)} | {len(scores)} | "
                    f"{vs_d[0]} | {vs_d[1]} | {vs_v[0]} | {vs_v[1]} |")
     lines.append("")
   return lines

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def summary(report: dict) -> str:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from analyze_study import paired_bootstrap
+  from analyze_tuned import mean_std, paired_columns
 
   zs = report["zero_shot"]
   lines = ["| method | lr (chosen on selection) | test accuracy mean ± std | seeds | "
@@ -348,18 +348,9 @@ def summary(report: dict) -> str:
            f"| zero-shot (prompts, no fine-tuning) | | {100 * zs['test']:.2f} | | | |"]
   base = report["methods"]["vanilla"]["test"]
   for method, m in report["methods"].items():
-    values = 100 * np.array(list(m["test"].values()))
-    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    diff = counts = ""
-    if method != "vanilla":
-      d = 100 * np.array([m["test"][s] - base[s] for s in m["test"]])
-      diff = f"{d.mean():+.2f}"
-      if len(d) >= 3:
-        lo, hi = paired_bootstrap(d)
-        diff += f" [{lo:+.2f}, {hi:+.2f}]"
-      counts = f"{int((d > 0).sum())} / {int((d < 0).sum())}"
-    lines.append(f"| {method} | {m['learning_rate']:g} | {values.mean():.2f} ± {std:.2f} | "
-                 f"{len(values)} | {diff} | {counts} |")
+    diff, counts = paired_columns(m["test"], base) if method != "vanilla" else ("", "")
+    lines.append(f"| {method} | {m['learning_rate']:g} | {mean_std(m['test'])} | "
+                 f"{len(m['test'])} | {diff} | {counts} |")
   return "\n".join(lines) + "\n"
 
 
