@@ -37,22 +37,22 @@ def make_batch(batch: int, seq: int) -> dict:
           "labels": rng.integers(0, 2, batch).astype(np.int32)}
 
 
-def hf_apply(hf):
+def hf_apply(hf, dropout: bool = True):
   def apply(p, b, k):
     return hf(b["input_ids"], b["attention_mask"], b["token_type_ids"], params=p,
-              dropout_rng=k, train=True).logits
+              dropout_rng=k if dropout else None, train=dropout).logits
   return apply
 
 
-def nnx_apply(graphdef):
+def nnx_apply(graphdef, dropout: bool = True):
   def apply(p, b, k):
     return nnx.merge(graphdef, p)(b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                  rngs=nnx.Rngs(dropout=k))
+                                  rngs=nnx.Rngs(dropout=k) if dropout else None)
   return apply
 
 
 def make_step(apply):
-  """The jitted train step (forward, backward, clip, AdamW; dropout on), params donated."""
+  """The jitted train step (forward, backward, clip, AdamW), params donated."""
   def step(p, s, b, i):
     def objective(p):
       logits = apply(p, b, jax.random.fold_in(jax.random.key(0), i))
@@ -72,16 +72,23 @@ def measure(size: str, batch: int, seq: int, reps: int, rounds: int) -> list[dic
   load_params(nnx_model, flax_to_pytorch_layout(hf.params))  # the same weights: the same function
   graphdef, state = nnx.split(nnx_model)
   data = make_batch(batch, seq)
+  # With dropout (each its own: transformers' Flax BERT shares one attention-dropout mask
+  # across the batch, ours draws one per element as PyTorch BERT) and without (the same
+  # function: their first losses must agree).
   applies = {"hf-flax": (hf_apply(hf), hf.params),
-             "nnx": (nnx_apply(graphdef), nnx.to_pure_dict(state))}
-  steps, states, first = {}, {}, {}
+             "nnx": (nnx_apply(graphdef), nnx.to_pure_dict(state)),
+             "hf-flax, no dropout": (hf_apply(hf, False), hf.params),
+             "nnx, no dropout": (nnx_apply(graphdef, False), nnx.to_pure_dict(state))}
+  steps, states, first, loss = {}, {}, {}, {}
   for name, (apply, params) in applies.items():
     steps[name] = make_step(apply)
     p = jax.tree_util.tree_map(jnp.copy, params)
     t = time.perf_counter()
-    p, s, _ = steps[name](p, TX.init(p), data, 0)
+    p, s, value = steps[name](p, TX.init(p), data, 0)
     jax.block_until_ready(p)
-    states[name], first[name] = (p, s), time.perf_counter() - t
+    states[name], first[name], loss[name] = (p, s), time.perf_counter() - t, float(value)
+  if abs(loss["nnx, no dropout"] - loss["hf-flax, no dropout"]) > 1e-4:
+    raise AssertionError(f"the two models differ: {loss}")
   times: dict[str, list[float]] = {n: [] for n in applies}
   for _ in range(rounds):  # interleaved, so that drifts in speed hit both alike
     for name in applies:
@@ -92,10 +99,11 @@ def measure(size: str, batch: int, seq: int, reps: int, rounds: int) -> list[dic
         value.block_until_ready()
         times[name].append(time.perf_counter() - t)
       states[name] = (p, s)
-  base = float(np.median(times["hf-flax"]))
+  def base(name: str) -> float:
+    return float(np.median(times[name.replace("nnx", "hf-flax")]))
   return [{"case": f"train step {name}", "size": size, "batch": batch, "seq": seq,
            "ms": 1000 * float(np.median(times[name])),
-           "ratio_to_hf_flax": float(np.median(times[name])) / base,
+           "ratio_to_hf_flax": float(np.median(times[name])) / base(name),
            "first_step_s": first[name], "device": jax.devices()[0].device_kind,
            "jax": jax.__version__} for name in applies]
 
