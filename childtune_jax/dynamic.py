@@ -95,6 +95,52 @@ def _keep_count(n: int, reserve_p: Any) -> jax.Array:
   return jnp.clip(k, 1, n).astype(jnp.uint32)
 
 
+def _stages(t: jax.Array, every: Any, full_stage: Any, alternate: bool
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """At step ``t``: (a full-update step?, a selection step?, the first step of a stage?)."""
+  period_every = jnp.maximum(jnp.asarray(every, jnp.int32), 1)
+  stage = jnp.maximum(jnp.asarray(full_stage, jnp.int32), 0)
+  if alternate:
+    c = t % (stage + period_every)
+    return c < stage, c == stage, c == 0
+  since = t - stage
+  return (since < 0, (since >= 0) & (since % period_every == 0),
+          (since >= 1) & ((since - 1) % period_every == 0))
+
+
+def _select(scores: list[jax.Array], reserve_p: Any, scope: str) -> list[jax.Array]:
+  """The top ``reserve_p`` of ``scores`` (over all, or per leaf), packed one bit a scalar."""
+  if scope == "global":
+    groups = [scores]
+    ks = jnp.stack([_keep_count(sum(s.size for s in scores), reserve_p)])
+  else:
+    groups = [[s] for s in scores]
+    ks = jnp.stack([_keep_count(s.size, reserve_p) for s in scores])
+  thresholds = kth_largest_keys(groups, ks)
+  owner = [0] * len(scores) if scope == "global" else range(len(scores))
+  return [_packing.pack_leaf(_order_key(s) >= thresholds[g], "uint8")
+          for s, g in zip(scores, owner)]
+
+
+def _check_schedule(reserve_p: Any, every: Any, full_stage: Any, scope: str,
+                    alternate: bool) -> None:
+  _check_reserve_p(reserve_p)
+  for name, value, low in (("every", every, 1), ("full_stage", full_stage, 0)):
+    if not isinstance(value, jax.core.Tracer):
+      if isinstance(value, bool) or int(value) != value or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+  if scope not in SCOPES:
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+  if alternate and not isinstance(full_stage, jax.core.Tracer) and full_stage < 1:
+    raise ValueError("alternate=True needs full_stage >= 1 (the full-update stage's length)")
+
+
+def _packed_ones(leaves: list[Any], selected: list[bool]) -> list[Any]:
+  """An all-kept packed network at the selected leaves, ``MaskedNode`` elsewhere."""
+  return [_packing.pack_leaf(jnp.ones(jnp.shape(x), jnp.bool_), "uint8") if take
+          else optax.MaskedNode() for x, take in zip(leaves, selected)]
+
+
 def child_tuning_dynamic(
     reserve_p: float | jax.Array,
     *,
@@ -183,17 +229,9 @@ def child_tuning_dynamic(
     Zhang et al, `Fine-Tuning Pre-Trained Language Models Effectively by Optimizing
     Subnetworks Adaptively <https://arxiv.org/abs/2211.01642>`_, NeurIPS 2022
   """
-  _check_reserve_p(reserve_p)
-  for name, value, low in (("every", every, 1), ("full_stage", full_stage, 0)):
-    if not isinstance(value, jax.core.Tracer):
-      if isinstance(value, bool) or int(value) != value or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+  _check_schedule(reserve_p, every, full_stage, scope, alternate)
   if decay is not None and not (0.0 <= decay < 1.0):
     raise ValueError(f"decay must be in [0, 1) or None, got {decay!r}")
-  if scope not in SCOPES:
-    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-  if alternate and not isinstance(full_stage, jax.core.Tracer) and full_stage < 1:
-    raise ValueError("alternate=True needs full_stage >= 1 (the full-update stage's length)")
   if isinstance(score_dtype, jax.Array) or jnp.dtype(score_dtype) not in (
       jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError("score_dtype must be float32, bfloat16 or float16 (static under "
@@ -207,8 +245,7 @@ def child_tuning_dynamic(
       raise ValueError("child_tuning_dynamic: where selects no leaf")
     score = [jnp.zeros(jnp.shape(x), score_dtype) if take else optax.MaskedNode()
              for x, take in zip(leaves, selected)]
-    keep = [_packing.pack_leaf(jnp.ones(jnp.shape(x), jnp.bool_), "uint8") if take
-            else optax.MaskedNode() for x, take in zip(leaves, selected)]
+    keep = _packed_ones(leaves, selected)
     return ChildTuningDynamicState(
         count=jnp.zeros([], jnp.int32), score=jax.tree_util.tree_unflatten(treedef, score),
         keep=jax.tree_util.tree_unflatten(treedef, keep))
@@ -223,17 +260,7 @@ def child_tuning_dynamic(
     keeps = treedef.flatten_up_to(state.keep)
     idx = [i for i, take in enumerate(selected) if take]
 
-    t = state.count
-    period_every = jnp.maximum(jnp.asarray(every, jnp.int32), 1)
-    stage = jnp.maximum(jnp.asarray(full_stage, jnp.int32), 0)
-    if alternate:
-      c = t % (stage + period_every)
-      gathering, select, restart = c < stage, c == stage, c == 0
-    else:
-      since = t - stage
-      gathering = since < 0
-      select = (since >= 0) & (since % period_every == 0)
-      restart = (since >= 1) & ((since - 1) % period_every == 0)
+    gathering, select, restart = _stages(state.count, every, full_stage, alternate)
 
     new_scores = []
     for i in idx:
@@ -245,19 +272,8 @@ def child_tuning_dynamic(
         s = decay * s + (1.0 - decay) * g2
       new_scores.append(s.astype(score_dtype))
 
-    def reselect(_: Any) -> list[jax.Array]:
-      if scope == "global":
-        groups = [new_scores]
-        ks = jnp.stack([_keep_count(sum(s.size for s in new_scores), reserve_p)])
-      else:
-        groups = [[s] for s in new_scores]
-        ks = jnp.stack([_keep_count(s.size, reserve_p) for s in new_scores])
-      thresholds = kth_largest_keys(groups, ks)
-      owner = [0] * len(new_scores) if scope == "global" else range(len(new_scores))
-      return [_packing.pack_leaf(_order_key(s) >= thresholds[g], "uint8")
-              for s, g in zip(new_scores, owner)]
-
-    new_keeps = jax.lax.cond(select, reselect, lambda _: [keeps[i] for i in idx], None)
+    new_keeps = jax.lax.cond(select, lambda _: _select(new_scores, reserve_p, scope),
+                             lambda _: [keeps[i] for i in idx], None)
 
     out = list(leaves)
     for i, k in zip(idx, new_keeps):
@@ -268,7 +284,7 @@ def child_tuning_dynamic(
     for j, i in enumerate(idx):
       score_leaves[i], keep_leaves[i] = new_scores[j], new_keeps[j]
     new_state = ChildTuningDynamicState(
-        count=optax.safe_int32_increment(t),
+        count=optax.safe_int32_increment(state.count),
         score=jax.tree_util.tree_unflatten(treedef, score_leaves),
         keep=jax.tree_util.tree_unflatten(treedef, keep_leaves))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
