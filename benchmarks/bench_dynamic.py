@@ -5,7 +5,8 @@ EMA and the packed mask) on most steps and a re-selection (the exact radix searc
 top-30% threshold, 8 counting passes) every ``E`` steps. Measured side by side in one
 process (cases interleaved over rounds, median of each): ``adamw`` alone, an ordinary
 dynamic step, a re-selection step (global and per-leaf), and the amortised cost
-``((E - 1) * ordinary + reselection) / E``. Each case is appended to ``--jsonl`` as soon as
+``((E - 1) * ordinary + reselection) / E``; the same for ``child_tuning_dynamic_adamw``,
+whose score is Adam's own second moment. Each case is appended to ``--jsonl`` as soon as
 it is measured.
 
   python benchmarks/bench_dynamic.py --jsonl benchmarks/results/dynamic.jsonl
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from bench_update import bert_base_like, time_update
 
-from childtune_jax import child_tuning_dynamic
+from childtune_jax import child_tuning_dynamic, child_tuning_dynamic_adamw
 
 
 def state_mb(tx: optax.GradientTransformation, params: dict) -> float:
@@ -51,6 +52,11 @@ def main() -> None:
       "dynamic re-selection (global)": optax.chain(child_tuning_dynamic(0.3, every=1), adamw),
       "dynamic re-selection (per leaf)": optax.chain(
           child_tuning_dynamic(0.3, every=1, scope="per_leaf"), adamw),
+      # the score is Adam's own second moment: no buffer of its own
+      "dynamic adamw ordinary step": child_tuning_dynamic_adamw(
+          1e-4, 0.3, every=never, eps=1e-6, weight_decay=0.01),
+      "dynamic adamw re-selection (global)": child_tuning_dynamic_adamw(
+          1e-4, 0.3, every=1, eps=1e-6, weight_decay=0.01),
   }
   info = {"scalars": int(n), "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
           "machine": platform.machine(), "jax": jax.__version__, "reps": args.reps}
@@ -74,11 +80,12 @@ def main() -> None:
   for name, tx in cases.items():
     emit({"case": name, "ms": ms[name], "ratio_to_adamw": ms[name] / base,
           "state_mb": state_mb(tx, params)})
-  for every in args.every:
-    amortised = ((every - 1) * ms["dynamic ordinary step"]
-                 + ms["dynamic re-selection (global)"]) / every
-    emit({"case": f"dynamic amortised, every {every}", "ms": amortised,
-          "ratio_to_adamw": amortised / base})
+  for name in ("dynamic", "dynamic adamw"):
+    for every in args.every:
+      amortised = ((every - 1) * ms[f"{name} ordinary step"]
+                   + ms[f"{name} re-selection (global)"]) / every
+      emit({"case": f"{name} amortised, every {every}", "ms": amortised,
+            "ratio_to_adamw": amortised / base})
 
 
 if __name__ == "__main__":

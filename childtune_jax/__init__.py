@@ -4,7 +4,15 @@ Xu et al, "Raise a Child in Large Language Model: Towards Effective and Generali
 Fine-tuning", EMNLP 2021 (https://arxiv.org/abs/2109.05687).
 """
 
-from childtune_jax.dynamic import ChildTuningDynamicState, child_tuning_dynamic, current_keep, dps
+from childtune_jax.dynamic import (
+    ChildTuningDynamicState,
+    DynamicAdamState,
+    child_tuning_dynamic,
+    child_tuning_dynamic_adamw,
+    current_keep,
+    dps,
+    scale_by_dynamic_adam,
+)
 from childtune_jax.fisher import fisher_information
 from childtune_jax.masks import (
     fisher_mask,
@@ -32,9 +40,11 @@ __all__ = [
     "ChildTuningDynamicState",
     "ChildTuningDState",
     "ChildTuningFState",
+    "DynamicAdamState",
     "child_tuning_adamw",
     "child_tuning_d",
     "child_tuning_dynamic",
+    "child_tuning_dynamic_adamw",
     "current_keep",
     "child_tuning_f",
     "default_weight_decay_mask",
@@ -46,6 +56,7 @@ __all__ = [
     "kept_fraction",
     "pack_keep",
     "random_keep",
+    "scale_by_dynamic_adam",
     "shared_fisher_mask",
     "unpack_keep",
 ]

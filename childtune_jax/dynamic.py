@@ -5,7 +5,8 @@ information of the pretrained model. :func:`child_tuning_dynamic` keeps the diag
 empirical Fisher up to date instead (a running score of squared gradients in its state)
 and re-selects the top ``reserve_p`` scalars every ``every`` steps, inside ``jit``.
 The DPS schedule of Zhang et al. (NeurIPS 2022) is one configuration of it:
-:func:`dps`.
+:func:`dps`. :func:`scale_by_dynamic_adam` (and :func:`child_tuning_dynamic_adamw`) take
+Adam's own second moment as the score and mask Adam's update: no buffer of their own.
 """
 
 from __future__ import annotations
@@ -292,6 +293,146 @@ def child_tuning_dynamic(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class DynamicAdamState(NamedTuple):
+  """State of :func:`scale_by_dynamic_adam`.
+
+  Attributes:
+    adam: Adam's state over the full (unmasked) updates: its ``count`` is the step, its
+      ``nu`` the score.
+    keep: the current child network, as in :class:`ChildTuningDynamicState`.
+  """
+
+  adam: optax.ScaleByAdamState
+  keep: optax.Updates
+
+
+def scale_by_dynamic_adam(
+    reserve_p: float | jax.Array,
+    *,
+    every: int | jax.Array,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    scope: str = "global",
+    full_stage: int | jax.Array = 0,
+    alternate: bool = False,
+    where: _tree.Where = None,
+) -> optax.GradientTransformation:
+  r"""Adam's scaling, its updates masked to a child network chosen by its second moment.
+
+  A dynamic child network with no score buffer: Adam's moments see every gradient, and
+  Adam's own second moment :math:`v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2`, the running
+  diagonal empirical Fisher with decay ``b2``, is the score. Every ``every`` steps the
+  network becomes the top ``reserve_p`` of :math:`v_t` (exactly as
+  :func:`child_tuning_dynamic` selects, same schedule and ``scope``), and Adam's update
+  :math:`\hat m_t / (\sqrt{\hat v_t} + \epsilon)` is zeroed outside it.
+
+  Not the same method as ``chain(child_tuning_dynamic(...), scale_by_adam())``, which
+  masks the *gradient*: there Adam's moments see zeros outside the network, so its second
+  moment would rank the current network ever higher (why that transformation keeps a
+  score of its own), and a scalar that leaves the network still moves by its momentum.
+  Here the *update* is masked: the score stays current for every scalar, and a scalar
+  outside the network does not move. With ``b2 = 0.999`` the score remembers about 1,000
+  steps (``child_tuning_dynamic``'s default EMA, 0.99, about 100).
+
+  Memory: Adam's two moments and the network packed one bit a scalar, nothing more
+  (``child_tuning_dynamic`` adds 4 bytes a scalar of float32 score).
+
+  Args:
+    reserve_p: the fraction of selected scalars in the network, in (0, 1].
+    every: steps between re-selections; at least 1.
+    b1, b2, eps, eps_root: Adam's, as in ``optax.scale_by_adam``.
+    scope: ``"global"`` or ``"per_leaf"`` (see :func:`child_tuning_dynamic`).
+    full_stage: full-update steps before the first selection (before each, with
+      ``alternate``).
+    alternate: repeat the full-update stage before every selection.
+    where: leaves that take part; others get Adam's update unmasked.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`DynamicAdamState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from childtune_jax import scale_by_dynamic_adam
+    >>> tx = scale_by_dynamic_adam(0.5, every=10)
+    >>> grads = {"w": jnp.array([0.1, 0.4, 0.2, 0.3])}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> (updates["w"] != 0).tolist()
+    [False, True, False, True]
+  """
+  _check_schedule(reserve_p, every, full_stage, scope, alternate)
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+
+  def init_fn(params: optax.Params) -> DynamicAdamState:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    selected = _tree.resolve_where(where, params)
+    if not any(selected):
+      raise ValueError("scale_by_dynamic_adam: where selects no leaf")
+    return DynamicAdamState(adam=adam.init(params),
+                            keep=jax.tree_util.tree_unflatten(treedef,
+                                                              _packed_ones(leaves, selected)))
+
+  def update_fn(
+      updates: optax.Updates, state: DynamicAdamState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, DynamicAdamState]:
+    gathering, select, _ = _stages(state.adam.count, every, full_stage, alternate)
+    updates, adam_state = adam.update(updates, state.adam, params)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    selected = _tree.resolve_where(where, updates)
+    nus = treedef.flatten_up_to(adam_state.nu)
+    keeps = treedef.flatten_up_to(state.keep)
+    idx = [i for i, take in enumerate(selected) if take]
+    new_keeps = jax.lax.cond(select, lambda _: _select([nus[i] for i in idx], reserve_p, scope),
+                             lambda _: [keeps[i] for i in idx], None)
+    out, keep_leaves = list(leaves), list(keeps)
+    for i, k in zip(idx, new_keeps):
+      take = _packing.unpack_leaf(k, leaves[i].shape) | gathering
+      out[i] = jnp.where(take, leaves[i], jnp.zeros_like(leaves[i]))
+      keep_leaves[i] = k
+    return jax.tree_util.tree_unflatten(treedef, out), DynamicAdamState(
+        adam=adam_state, keep=jax.tree_util.tree_unflatten(treedef, keep_leaves))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def child_tuning_dynamic_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    reserve_p: float | jax.Array,
+    *,
+    every: int | jax.Array,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 1e-4,
+    mask: Any = None,
+    scope: str = "global",
+    full_stage: int | jax.Array = 0,
+    alternate: bool = False,
+    where: _tree.Where = None,
+) -> optax.GradientTransformation:
+  """AdamW whose update moves only a child network chosen by Adam's second moment.
+
+  ``optax.adamw`` with :func:`scale_by_dynamic_adam` in place of ``scale_by_adam``:
+  ``chain(scale_by_dynamic_adam(...), add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(learning_rate))``. Weight decay, as in every Child-Tuning
+  optimizer here, applies to every decayed scalar, in the network or not. The arguments are
+  ``optax.adamw``'s and :func:`scale_by_dynamic_adam`'s.
+
+  Examples:
+    >>> from childtune_jax import child_tuning_dynamic_adamw, is_encoder_layer
+    >>> tx = child_tuning_dynamic_adamw(1e-4, 0.3, every=100, full_stage=100,
+    ...                                 weight_decay=0.01, where=is_encoder_layer)
+  """
+  return optax.chain(
+      scale_by_dynamic_adam(reserve_p, every=every, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                            scope=scope, full_stage=full_stage, alternate=alternate,
+                            where=where),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))
+
+
 def dps(
     drop_p: float, *, stage_steps: int, where: _tree.Where = None,
     score_dtype: str = "float32",
@@ -320,7 +461,8 @@ def dps(
                               score_dtype=score_dtype)
 
 
-def current_keep(state: ChildTuningDynamicState, like: optax.Params) -> optax.Params:
+def current_keep(state: ChildTuningDynamicState | DynamicAdamState,
+                 like: optax.Params) -> optax.Params:
   """The child network in ``state`` as a bool pytree like ``like`` (unselected: all True).
 
   Before the first selection (the full-update stage) it is all ``True``.

@@ -260,6 +260,16 @@ def test_non_finite_and_huge_options_are_refused_by_the_parser(argv, message, ca
   assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "F", "--score", "adam"], "go with --mode dynamic"),
+    (["--mode", "D", "--score-decay", "0.9"], "go with --mode dynamic"),
+    (["--mode", "dynamic", "--score", "adam", "--score-decay", "0.9"], "goes with --score ema"),
+])
+def test_dynamic_score_options_only_where_they_apply(argv, message, capsys, tmp_path):
+  _fails(capsys, [*BASE, *argv, "--output-dir", str(tmp_path / "o")], 2, message)
+  assert not os.path.exists(tmp_path / "o")
+
+
 def test_output_and_cache_under_a_file_and_a_file_as_model(tmp_path, capsys):
   afile = tmp_path / "file"
   afile.write_text("x")

@@ -1,4 +1,5 @@
-"""child_tuning_dynamic against a NumPy re-implementation of its score, schedule and selection."""
+"""The dynamic child networks against NumPy re-implementations of their scores, schedules and
+selections."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,14 @@ import numpy as np
 import optax
 import pytest
 
-from childtune_jax import child_tuning_dynamic, current_keep, dps, is_encoder_layer
+from childtune_jax import (
+    child_tuning_dynamic,
+    child_tuning_dynamic_adamw,
+    current_keep,
+    dps,
+    is_encoder_layer,
+    scale_by_dynamic_adam,
+)
 from childtune_jax.dynamic import _order_key, kth_largest_keys
 
 SHAPES = {"layer_a": {"kernel": (6, 7), "bias": (7,)}, "layer_b": {"kernel": (5, 3)},
@@ -247,13 +255,111 @@ def test_where_selecting_nothing_and_dps_bad_p():
     dps(1.0, stage_steps=3)
 
 
-def test_cli_dynamic_resumes_bitwise_with_its_network_history(tmp_path, monkeypatch):
+def _adamw_reference(params, grads_seq, p, every, full_stage, scope, lr, wd, b1=0.9, b2=0.999,
+                     eps=1e-8):
+  """NumPy: AdamW on full gradients, its update zeroed outside the top ``p`` by Adam's nu."""
+  params = _flat(params)
+  names = [n for n in params if is_encoder_layer(n)]
+  m = {n: np.zeros_like(x) for n, x in params.items()}
+  v = {n: np.zeros_like(x) for n, x in params.items()}
+  keep = {n: np.ones(params[n].shape, bool) for n in names}
+  out = []
+  for t, g in enumerate(grads_seq, start=1):
+    g = _flat(g)
+    since = t - 1 - full_stage
+    gathering, select = since < 0, since >= 0 and since % every == 0
+    for n in params:
+      m[n] = b1 * m[n] + (1 - b1) * g[n]
+      v[n] = b2 * v[n] + (1 - b2) * g[n] ** 2
+    if select:
+      score = {n: v[n] for n in names}
+      keep = (_percentile_keep(score, p) if scope == "global"
+              else {n: _percentile_keep({n: score[n]}, p)[n] for n in names})
+    for n in params:
+      # bias corrections in float32, as optax computes them (1 - b2**t loses digits there)
+      c1, c2 = 1 - np.float32(b1) ** np.float32(t), 1 - np.float32(b2) ** np.float32(t)
+      u = (m[n] / c1) / (np.sqrt(v[n] / c2) + eps)
+      if n in keep and not gathering:
+        u = np.where(keep[n], u, 0.0)
+      params[n] = params[n] - lr * (u + wd * params[n])
+    out.append((dict(params), dict(keep), select))
+  return out
+
+
+@pytest.mark.parametrize("scope", ["global", "per_leaf"])
+@pytest.mark.parametrize("full_stage", [0, 2])
+def test_dynamic_adamw_equals_numpy_adamw_masked_by_its_second_moment(scope, full_stage):
+  rng = np.random.default_rng(7)
+  grads_seq = [_grads(rng) for _ in range(10)]
+  params = _grads(rng)
+  tx = child_tuning_dynamic_adamw(0.1, 0.3, every=3, full_stage=full_stage, scope=scope,
+                                  weight_decay=0.01, where=is_encoder_layer)
+  want = _adamw_reference(params, grads_seq, 0.3, 3, full_stage, scope, lr=0.1, wd=0.01)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  state = tx.init(params)
+  before, previous = _flat(params), None
+  for g, (params_ref, keep, select) in zip(grads_seq, want):
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    now = _flat(params)
+    for k, x in now.items():
+      np.testing.assert_allclose(x, params_ref[k], rtol=1e-5, atol=1e-6)
+    network = _flat(current_keep(state[0], g))
+    for k in keep:
+      np.testing.assert_array_equal(network[k], keep[k])
+      # outside the network a scalar moves by its weight decay alone
+      if not np.all(keep[k]):
+        np.testing.assert_allclose(now[k][~keep[k]], (before[k] * (1 - 0.1 * 0.01))[~keep[k]],
+                                   rtol=1e-6)
+      if previous is not None and not select:  # no re-selection between boundaries
+        np.testing.assert_array_equal(network[k], previous[k])
+    before, previous = now, network
+  assert update._cache_size() == 1  # selection and ordinary steps: one compiled program
+
+
+def test_dynamic_adamw_under_inject_hyperparams_equals_plain():
+  rng = np.random.default_rng(8)
+  grads_seq, params = [_grads(rng) for _ in range(5)], _grads(rng)
+  injected = optax.inject_hyperparams(child_tuning_dynamic_adamw, static_args=("scope",))(
+      learning_rate=0.1, reserve_p=0.3, every=2)
+  plain = child_tuning_dynamic_adamw(0.1, 0.3, every=2)
+  s1, s2 = injected.init(params), plain.init(params)
+  for g in grads_seq:
+    u1, s1 = jax.jit(injected.update)(g, s1, params)
+    u2, s2 = jax.jit(plain.update)(g, s2, params)
+    for k, v in _flat(s1.inner_state[0].keep).items():  # the same networks, bit for bit
+      np.testing.assert_array_equal(v, _flat(s2[0].keep)[k])
+    for k, v in _flat(u1).items():  # (injected b1, b2 are float32 arrays: Adam's bias
+      np.testing.assert_allclose(v, _flat(u2)[k], rtol=2e-5)  # corrections round apart)
+
+
+def test_dynamic_adam_keeps_no_score_of_its_own():
+  params = _grads(np.random.default_rng(0))
+
+  def state_bytes(tx):
+    return sum(x.size * x.dtype.itemsize
+               for x in jax.tree_util.tree_leaves(jax.eval_shape(tx.init, params)))
+
+  # Adam's moments and the network, one bit a scalar (uint8 words along the last axis)
+  packed = sum(int(np.prod(s[:-1])) * -(-s[-1] // 8)
+               for s in jax.tree_util.tree_leaves(SHAPES, is_leaf=lambda x: isinstance(x, tuple)))
+  assert state_bytes(scale_by_dynamic_adam(0.3, every=2)) == (
+      state_bytes(optax.scale_by_adam()) + packed)
+  with pytest.raises(ValueError, match="selects no leaf"):
+    scale_by_dynamic_adam(0.3, every=2, where=lambda p: False).init(params)
+  with pytest.raises(ValueError, match="every"):
+    scale_by_dynamic_adam(0.3, every=0)
+
+
+@pytest.mark.parametrize("score", ["ema", "adam"])
+def test_cli_dynamic_resumes_bitwise_with_its_network_history(score, tmp_path, monkeypatch):
   import os
 
   from childtune_jax.app import cli, data
 
   here = os.path.dirname(__file__)
   args = ["train", "--task", "mrpc", "--mode", "dynamic", "--every", "2", "--full-stage", "1",
+          "--score", score,
           "--model", os.path.join(here, "fixtures", "tiny-bert"),
           "--data-dir", os.path.join(here, "fixtures", "glue"), "--epochs", "2",
           "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
@@ -288,6 +394,7 @@ def test_cli_dynamic_resumes_bitwise_with_its_network_history(tmp_path, monkeypa
   assert cli.main(args + ["--output-dir", part, "--resume"]) == 0
   a, b = results(full), results(part)
   assert a["metrics"] == b["metrics"] and a["train_losses"] == b["train_losses"]
+  assert a["child_network"]["score"] == score
   selections = a["child_network"]["selections"]
   assert selections == b["child_network"]["selections"]
   assert [s["step"] for s in selections] == [1, 3, 5, 7]  # full_stage 1, then every 2

@@ -85,7 +85,7 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
   # Options a multi-task run does not take are not offered to it (their defaults apply).
   p.set_defaults(train_file=None, validation_file=None, text_columns=None, label_column=None,
                  train_split="train", eval_task=None, heldout_samples=None, child_mask=None,
-                 every=None, full_stage=None, score_decay=0.99, random_like=None)
+                 every=None, full_stage=None, score="ema", score_decay=None, random_like=None)
   if not multitask:
     src.add_argument("--train-file", help="your own .csv/.tsv/.json/.jsonl training file")
     src.add_argument("--validation-file", help="your own evaluation file")
@@ -146,8 +146,12 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
     dyn.add_argument("--full-stage", type=_checked(int, lambda v: v >= 0, "must be at least 0"),
                      help="steps that update everything while the score gathers, before the "
                           "first selection (default: --every)")
-    dyn.add_argument("--score-decay", type=_fraction, default=0.99,
-                     help="EMA decay of the squared-gradient score (default 0.99)")
+    dyn.add_argument("--score", choices=("ema", "adam"), default="ema",
+                     help="what ranks the scalars: ema, its own running average of squared "
+                          "gradients (the gradient is masked); adam, AdamW's own second "
+                          "moment (Adam's update is masked; no extra memory). Default ema")
+    dyn.add_argument("--score-decay", type=_fraction,
+                     help="--score ema: the average's decay (default 0.99)")
     p.add_argument("--random-like", metavar="MASK",
                    help="mode random: keep as many scalars as this D mask file")
   dev = p.add_argument_group("devices and precision")
@@ -446,7 +450,9 @@ def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
       save_model=not args.no_save_model, init_seed=args.init_seed, random_like=args.random_like,
       selection_samples=args.selection_samples, eval_dev=not args.selection_only,
       child_mask=args.child_mask, every=args.every, full_stage=args.full_stage,
-      score_decay=args.score_decay, mesh=args.mesh, dtype=args.dtype, grad_accum=args.grad_accum,
+      dynamic_score=args.score,
+      score_decay=0.99 if args.score_decay is None else args.score_decay,
+      mesh=args.mesh, dtype=args.dtype, grad_accum=args.grad_accum,
       backend=args.backend, train_split=args.train_split, heldout_samples=args.heldout_samples,
       eval_tasks=",".join(args.eval_task) if args.eval_task else None)
 
@@ -582,8 +588,12 @@ def train_command(args: argparse.Namespace) -> dict:
     raise UsageError("--child-mask goes with --mode D")
   if args.child_mask and not os.path.isfile(args.child_mask):
     raise UsageError(f"mask file {args.child_mask} does not exist")
-  if args.mode != "dynamic" and (args.every or args.full_stage is not None):
-    raise UsageError("--every and --full-stage go with --mode dynamic")
+  if args.mode != "dynamic" and (args.every or args.full_stage is not None
+                                 or args.score != "ema" or args.score_decay is not None):
+    raise UsageError("--every, --full-stage, --score and --score-decay go with --mode dynamic")
+  if args.score == "adam" and args.score_decay is not None:
+    raise UsageError("--score-decay goes with --score ema (--score adam ranks by AdamW's "
+                     "second moment, whose decay is 0.999)")
   if args.mode == "dynamic" and args.freeze_non_child:
     raise UsageError("--freeze-non-child is for modes F and D")
   cache = _check_run_options(args)

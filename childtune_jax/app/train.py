@@ -33,7 +33,12 @@ from childtune_jax.app import data, files, loading
 from childtune_jax.app.checkpoints import Checkpoints, load_keep, save_keep
 from childtune_jax.app.loading import DEFAULT_MODEL
 from childtune_jax.app.metrics import glue_metrics
-from childtune_jax.dynamic import ChildTuningDynamicState, child_tuning_dynamic
+from childtune_jax.dynamic import (
+    ChildTuningDynamicState,
+    DynamicAdamState,
+    child_tuning_dynamic,
+    child_tuning_dynamic_adamw,
+)
 from childtune_jax.fisher import fisher_information
 from childtune_jax.masks import fisher_mask, is_encoder_layer, jaccard, kept_fraction, random_keep
 from childtune_jax.transform import child_tuning_adamw, default_weight_decay_mask
@@ -82,7 +87,8 @@ class TrainConfig:
   child_mask: str | None = None  # mode D: this saved mask instead of a Fisher pass
   every: int | None = None  # dynamic: steps between re-selections; None: 5% of the steps
   full_stage: int | None = None  # dynamic: full-update steps first; None: ``every``
-  score_decay: float = 0.99  # dynamic: the EMA decay of the squared-gradient score
+  dynamic_score: str = "ema"  # dynamic: "ema" of squared gradients, or "adam" (its nu)
+  score_decay: float = 0.99  # dynamic, "ema": the EMA decay of the squared-gradient score
   mesh: str | None = None  # "data=N,fsdp=M"; None: data parallelism over every device
   dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
   grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
@@ -177,11 +183,11 @@ def check_finite(losses: list, params: Any, step: int, ckpt: Checkpoints) -> Non
                          f"high?){kept}")
 
 
-def _dynamic_state(opt_state: Any) -> ChildTuningDynamicState:
-  """The :class:`ChildTuningDynamicState` inside an optimizer state."""
-  found = [x for x in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, ChildTuningDynamicState))
-      if isinstance(x, ChildTuningDynamicState)]
+def _dynamic_state(opt_state: Any) -> ChildTuningDynamicState | DynamicAdamState:
+  """The dynamic child network's state inside an optimizer state."""
+  kinds = (ChildTuningDynamicState, DynamicAdamState)
+  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
+           if isinstance(x, kinds)]
   if len(found) != 1:
     raise ValueError(f"expected one dynamic child network in the optimizer state, got {len(found)}")
   return found[0]
@@ -413,14 +419,20 @@ def make_optimizer(r: Run, plan: Plan, keep: Any, params: Any
     full_stage = every if cfg.full_stage is None else cfg.full_stage
     r.results["child_network"] = {
         "every": every, "full_stage": full_stage, "reserve_p": cfg.reserve_p,
-        "score_decay": cfg.score_decay,
+        "score": cfg.dynamic_score,
+        "score_decay": cfg.score_decay if cfg.dynamic_score == "ema" else adamw_kwargs["b2"],
         "total": sum(x.size for x, take in zip(jax.tree_util.tree_leaves(params),
                                                _tree.resolve_where(is_encoder_layer, params))
                      if take)}
-    core = optax.chain(
-        child_tuning_dynamic(cfg.reserve_p, every=every, full_stage=full_stage,
-                             decay=cfg.score_decay, where=is_encoder_layer),
-        optax.adamw(schedule, mask=default_weight_decay_mask, **adamw_kwargs))
+    if cfg.dynamic_score == "adam":
+      core = child_tuning_dynamic_adamw(schedule, cfg.reserve_p, every=every,
+                                        full_stage=full_stage, mask=default_weight_decay_mask,
+                                        where=is_encoder_layer, **adamw_kwargs)
+    else:
+      core = optax.chain(
+          child_tuning_dynamic(cfg.reserve_p, every=every, full_stage=full_stage,
+                               decay=cfg.score_decay, where=is_encoder_layer),
+          optax.adamw(schedule, mask=default_weight_decay_mask, **adamw_kwargs))
   else:
     core = child_tuning_adamw(schedule, mode="D", keep=keep, packing="uint8",
                               freeze_non_child=cfg.freeze_non_child, **adamw_kwargs)
