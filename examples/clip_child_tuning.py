@@ -21,11 +21,14 @@ projections to 32 dimensions and a learned temperature, named as transformers'
 
   python examples/clip_child_tuning.py --out results/clip [--seeds 5] [--smoke]
 
-With a network and transformers < 5, the same fine-tuning applies to a real CLIP
-(``FlaxCLIPModel.from_pretrained("openai/clip-vit-base-patch32")``): its
-``get_image_features`` / ``get_text_features`` and ``params["logit_scale"]`` are the
-``embed`` below, with the digits upsampled to 224x224 RGB and normalised by the
-processor. That path is not run here (no hub).
+A real CLIP instead (no pretraining here; the 1,000 pretraining images go unused):
+``--model DIR``, a local Hugging Face CLIP folder (``config.json``, ``model.safetensors``,
+``tokenizer.json``), e.g. ``openai/clip-vit-base-patch32`` downloaded once where a hub is
+reachable (``huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR``). It
+loads into :class:`childtune_jax.models.clip.ClipModel` (no torch, any transformers), the
+digits are upsampled (bicubic) to the model's image size, three channels, normalised as
+CLIP's processor does, and the prompts tokenised by its ``tokenizer.json``. That path is
+tested here on a tiny random CLIP folder, not run on real weights (no hub).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import argparse
 import math
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,31 +152,76 @@ class TextModel(nnx.Module):
 
 
 class TinyCLIP(nnx.Module):
+  """Called as :class:`childtune_jax.models.clip.ClipModel` is: ``(image_embeds,
+  text_embeds, logit_scale)`` of ``(input_ids, pixel_values, attention_mask)``."""
+
   def __init__(self, rngs: nnx.Rngs, d: int = 64, projection: int = 32):
     self.vision_model, self.text_model = VisionModel(d, rngs), TextModel(d, rngs)
     self.visual_projection = nnx.Linear(d, projection, use_bias=False, rngs=rngs)
     self.text_projection = nnx.Linear(d, projection, use_bias=False, rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
 
+  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
+               attention_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    del attention_mask  # its own: the ids after <eos> are <pad> (0)
+    return (self.visual_projection(self.vision_model(pixel_values)),
+            self.text_projection(self.text_model(input_ids)), self.logit_scale[...])
+
 
 def build(seed: int = 0) -> tuple[Any, Any]:
-  """The model's graph and its parameters (a plain pytree, named as FlaxCLIPModel's)."""
+  """The tiny model's graph and its parameters (a plain pytree, named as FlaxCLIPModel's)."""
   graphdef, state = nnx.split(TinyCLIP(nnx.Rngs(seed)))
   return graphdef, nnx.to_pure_dict(state)
 
 
-GRAPH = build()[0]
+class Backbone(NamedTuple):
+  """A CLIP to fine-tune: its graph, how it reads the digits and the prompts."""
+
+  graphdef: Any
+  pixels: Callable[[jax.Array], jax.Array]  # (n, 8, 8) in [0, 1] -> the model's images
+  tokenize: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # -> (ids, attention mask)
+  name: str
+
+  def embed(self, params: Any, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(image_embeds, text_embeds, logit_scale)`` of a batch of image-caption pairs."""
+    return nnx.merge(self.graphdef, params)(batch["input_ids"], self.pixels(batch["images"]),
+                                            batch["attention_mask"])
 
 
-def embed(params: Any, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(image_embeds, text_embeds, logit_scale)`` of a batch of image-caption pairs."""
-  model = nnx.merge(GRAPH, params)
-  return (model.visual_projection(model.vision_model(batch["images"])),
-          model.text_projection(model.text_model(batch["tokens"])), model.logit_scale[...])
+def tiny_backbone() -> Backbone:
+  def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.stack([tokenize_words(t) for t in texts])
+    return ids, (ids != 0).astype(np.int32)
+  return Backbone(build()[0], lambda x: x, tokenize, "a small CLIP trained here")
+
+
+def hf_backbone(folder: str) -> tuple[Backbone, Any]:
+  """A local Hugging Face CLIP folder: the backbone and its parameters."""
+  from tokenizers import Tokenizer
+
+  from childtune_jax.models.clip import clip_from_pretrained, normalise_images
+
+  model = clip_from_pretrained(folder)
+  tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+  size, length = model.config.vision.image_size, model.config.text.max_position_embeddings
+
+  def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [e.ids[:length] for e in tokenizer.encode_batch(texts)]
+    width = max(map(len, encoded))
+    ids = np.zeros((len(texts), width), np.int32)
+    for row, e in enumerate(encoded):
+      ids[row, :len(e)] = e
+    return ids, (np.arange(width) < np.array([len(e) for e in encoded])[:, None]).astype(np.int32)
+
+  graphdef, state = nnx.split(model)
+  return (Backbone(graphdef, lambda x: normalise_images(x, size), tokenize, folder),
+          nnx.to_pure_dict(state))
 
 
 # ---------------------------------------------------------------------------- the data
-def tokenize(text: str) -> np.ndarray:
+def tokenize_words(text: str) -> np.ndarray:
+  """The tiny model's tokens: a word each, then <eos>, padded with <pad> (0)."""
   ids = [VOCAB.index(w) for w in text.split()] + [VOCAB.index("<eos>")]
   return np.array(ids + [0] * (MAX_WORDS - len(ids)), np.int32)
 
@@ -192,24 +241,32 @@ def load_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   return out
 
 
-PROMPTS = np.stack([tokenize(PROMPT.format(n)) for n in NAMES])
+def prompts(m: Backbone) -> dict:
+  """Each class's prompt, tokenised."""
+  ids, mask = m.tokenize([PROMPT.format(n) for n in NAMES])
+  return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
 
 
-def class_logits(params: Any, images: jax.Array) -> jax.Array:
+def class_logits(m: Backbone, params: Any, images: jax.Array) -> jax.Array:
   """The prompt classifier: each image's scaled cosine similarity to each class's prompt."""
-  img, txt, scale = embed(params, {"images": images, "tokens": jnp.asarray(PROMPTS)})
+  img, txt, scale = m.embed(params, {"images": images, **prompts(m)})
   img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
   txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
   return jnp.exp(scale) * img @ txt.T
 
 
-def accuracy(params: Any, split: tuple[np.ndarray, np.ndarray]) -> float:
-  preds = jax.jit(class_logits)(params, jnp.asarray(split[0])).argmax(-1)
-  return float(np.mean(np.asarray(preds) == split[1]))
+_class_logits = jax.jit(class_logits, static_argnums=0)
+
+
+def accuracy(m: Backbone, params: Any, split: tuple[np.ndarray, np.ndarray],
+             batch: int = 128) -> float:
+  preds = np.concatenate([np.asarray(_class_logits(m, params, jnp.asarray(split[0][i:i + batch])))
+                          .argmax(-1) for i in range(0, len(split[1]), batch)])
+  return float(np.mean(preds == split[1]))
 
 
 # ---------------------------------------------------------------------------- training
-def pretrain(data: dict, steps: int, batch: int = 64) -> Any:
+def pretrain(m: Backbone, data: dict, steps: int, batch: int = 64) -> Any:
   """The stand-in for a pretrained CLIP: contrastive training on captioned images."""
   _, params = build(0)
   tx = optax.adamw(1e-3, weight_decay=0.01)
@@ -219,20 +276,21 @@ def pretrain(data: dict, steps: int, batch: int = 64) -> Any:
 
   @jax.jit
   def step(params, state, b):
-    loss, g = jax.value_and_grad(lambda p: clip.contrastive_loss(*embed(p, b)))(params)
+    loss, g = jax.value_and_grad(lambda p: clip.contrastive_loss(*m.embed(p, b)))(params)
     u, state = tx.update(g, state, params)
     return optax.apply_updates(params, u), state, loss
 
   for _ in range(steps):
     index = rng.choice(len(images), batch, replace=False)
     captions = [rng.choice(TEMPLATES).format(NAMES[y]) for y in labels[index]]
-    b = {"images": jnp.asarray(images[index]),
-         "tokens": jnp.asarray(np.stack([tokenize(c) for c in captions]))}
+    ids, mask = m.tokenize(captions)
+    b = {"images": jnp.asarray(images[index]), "input_ids": jnp.asarray(ids),
+         "attention_mask": jnp.asarray(mask)}
     params, state, _ = step(params, state, b)
   return params
 
 
-def d_network(params: Any, data: dict) -> Any:
+def d_network(m: Backbone, params: Any, data: dict) -> Any:
   """Each tower's top-p by the per-pair contrastive Fisher on the fine-tuning pairs.
 
   The pairs are each training image and its class's prompt, in batches of one image per
@@ -243,13 +301,14 @@ def d_network(params: Any, data: dict) -> Any:
   batches = []
   for k in range(min(map(len, by_class))):
     index = np.array([rows[k] for rows in by_class])
+    text = prompts(m)
     batches.append({"images": jnp.asarray(images[index]),
-                    "tokens": jnp.asarray(PROMPTS[labels[index]])})
-  return clip.tower_fisher_mask(clip.contrastive_fisher(embed, params, batches), P)
+                    **{k: v[labels[index]] for k, v in text.items()}})
+  return clip.tower_fisher_mask(clip.contrastive_fisher(m.embed, params, batches), P)
 
 
-def finetune(params: Any, data: dict, method: str, lr: float, seed: int, epochs: int,
-             keep: Any = None, batch: int = 16) -> Any:
+def finetune(m: Backbone, params: Any, data: dict, method: str, lr: float, seed: int,
+             epochs: int, keep: Any = None, batch: int = 16) -> Any:
   """Cross-entropy of the prompt classifier on the labelled split, both towers trained."""
   kwargs = dict(b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01)
   if method == "vanilla":
@@ -266,7 +325,7 @@ def finetune(params: Any, data: dict, method: str, lr: float, seed: int, epochs:
   @jax.jit
   def step(params, state, x, y):
     def loss(p):
-      return optax.softmax_cross_entropy_with_integer_labels(class_logits(p, x), y).mean()
+      return optax.softmax_cross_entropy_with_integer_labels(class_logits(m, p, x), y).mean()
     g = jax.grad(loss)(params)
     u, state = tx.update(g, state, params)
     return optax.apply_updates(params, u), state
@@ -305,27 +364,35 @@ def main(argv: list[str] | None = None) -> dict:
                       help="deliberately few (default 50): a zero-shot model that leaves room "
                            "to fine-tune (about 86%% on the selection split)")
   parser.add_argument("--epochs", type=int, default=10)
+  parser.add_argument("--model", metavar="DIR",
+                      help="a local Hugging Face CLIP folder to fine-tune instead of "
+                           "pretraining a small one here")
   parser.add_argument("--smoke", action="store_true", help="a few steps: checks it runs")
   args = parser.parse_args(argv)
   if args.smoke:
     args.seeds, args.pretrain_steps, args.epochs = 1, 20, 1
   data = load_digits()
-  base = pretrain(data, args.pretrain_steps)
-  keep = d_network(base, data)
+  if args.model:
+    m, base = hf_backbone(args.model)
+    args.pretrain_steps = 0
+  else:
+    m = tiny_backbone()
+    base = pretrain(m, data, args.pretrain_steps)
+  keep = d_network(m, base, data)
   kept, total = kept_fraction(keep, where=clip.encoder_layers())
   report: dict[str, Any] = {
-      "data": {k: len(v[1]) for k, v in data.items()},
+      "model": m.name, "data": {k: len(v[1]) for k, v in data.items()},
       "pretrain_steps": args.pretrain_steps, "epochs": args.epochs, "reserve_p": P,
-      "zero_shot": {"selection": accuracy(base, data["selection"]),
-                    "test": accuracy(base, data["test"])},
+      "zero_shot": {"selection": accuracy(m, base, data["selection"]),
+                    "test": accuracy(m, base, data["test"])},
       "d_network": {"kept": kept, "total": total, "anatomy": anatomy(keep)},
       "methods": {}}
   grid = LEARNING_RATES[:1] if args.smoke else LEARNING_RATES
   for method in METHODS:  # the learning rate: chosen on the selection split, seed 1
-    scores = {lr: accuracy(finetune(base, data, method, lr, 1, args.epochs, keep),
+    scores = {lr: accuracy(m, finetune(m, base, data, method, lr, 1, args.epochs, keep),
                            data["selection"]) for lr in grid}
     lr = max(sorted(scores), key=lambda x: scores[x])
-    tests = {seed: accuracy(finetune(base, data, method, lr, seed, args.epochs, keep),
+    tests = {seed: accuracy(m, finetune(m, base, data, method, lr, seed, args.epochs, keep),
                             data["test"]) for seed in range(101, 101 + args.seeds)}
     report["methods"][method] = {"selection": {f"{k:g}": v for k, v in scores.items()},
                                  "learning_rate": lr, "test": tests}

@@ -255,3 +255,19 @@ def test_clip_child_tuning_smoke_run(tmp_path):
   assert report["d_network"]["total"] == sum(sum(v.values()) for v in sizes.values())
   with open(tmp_path / "summary.md") as f:
     assert "| zero-shot (prompts, no fine-tuning) |" in f.read()
+
+
+def test_clip_child_tuning_fine_tunes_a_hugging_face_clip_folder(tmp_path):
+  """``--model DIR``: a tiny random CLIP in Hugging Face's layout, with its tokenizer.json."""
+  pytest.importorskip("sklearn")
+  example = _load("clip_child_tuning")
+  folder = os.path.join(os.path.dirname(__file__), "fixtures", "clip")
+  m, params = example.hf_backbone(folder)
+  ids, mask = m.tokenize(["a photo of the digit seven", "the number one"])
+  assert ids.shape == (2, 8) and ids[0, 0] == 97 and ids[0, 7] == 98 and ids[1, 4] == 98
+  np.testing.assert_array_equal(mask, [[1] * 8, [1] * 5 + [0] * 3])
+  report = example.main(["--smoke", "--model", folder, "--out", str(tmp_path)])
+  assert report["model"] == folder and report["pretrain_steps"] == 0
+  assert set(report["methods"]) == {"vanilla", "F", "D"}
+  assert report["d_network"]["kept"] / report["d_network"]["total"] == pytest.approx(0.3, abs=2e-3)
+  assert 0.0 <= report["zero_shot"]["test"] <= 1.0

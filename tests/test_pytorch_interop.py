@@ -1,4 +1,4 @@
-"""A model fine-tuned here loads in transformers' PyTorch classes and gives the same logits.
+"""Models fine-tuned here load in transformers' PyTorch classes and give the same outputs.
 
 PyTorch's implementation is the independent reference. These tests need ``torch`` and
 ``transformers`` (any version; 5.x has no Flax classes), which the suite does not install:
@@ -88,3 +88,31 @@ def test_the_clis_saved_model_serves_in_pytorch(tmp_path):
   theirs = _torch_logits(torch_model, enc["input_ids"], enc["attention_mask"],
                          enc["token_type_ids"])
   np.testing.assert_allclose(theirs, expected, atol=1e-5, rtol=0)
+
+
+def test_a_saved_clip_gives_pytorchs_features(tmp_path):
+  from childtune_jax.models.clip import clip_from_pretrained, save_clip
+
+  folder = os.path.join(HERE, "fixtures", "clip")
+  model = clip_from_pretrained(folder)
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  nnx.update(model, jax.tree_util.tree_unflatten(
+      treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+  with open(os.path.join(folder, "config.json")) as f:
+    save_clip(model, str(tmp_path), json.load(f))
+  theirs, info = transformers.CLIPModel.from_pretrained(str(tmp_path), output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  with np.load(os.path.join(folder, "golden.npz")) as f:
+    g = dict(f)
+  image, text, scale = model(g["input_ids"], g["pixel_values"], g["attention_mask"])
+  with torch.no_grad():
+    t_image = theirs.eval().get_image_features(pixel_values=torch.as_tensor(g["pixel_values"]))
+    t_text = theirs.get_text_features(input_ids=torch.as_tensor(g["input_ids"]),
+                                      attention_mask=torch.as_tensor(g["attention_mask"]))
+  t_image, t_text = (getattr(x, "pooler_output", x).numpy() for x in (t_image, t_text))
+  np.testing.assert_allclose(t_image, np.asarray(image), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(t_text, np.asarray(text), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(theirs.logit_scale.item(), float(scale), rtol=1e-6)
+  assert not np.allclose(np.asarray(image), g["image_features"], atol=1e-3)  # it did move
