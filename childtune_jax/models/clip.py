@@ -20,7 +20,13 @@ import numpy as np
 from flax import nnx
 
 from childtune_jax.models.bert import ConfigError
-from childtune_jax.models.loading import CheckpointKeyError, _flat, _unflat, read_safetensors
+from childtune_jax.models.loading import (
+    CheckpointKeyError,
+    _flat,
+    _unflat,
+    flax_to_pytorch_layout,
+    read_safetensors,
+)
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -298,15 +304,7 @@ def clip_from_pretrained(folder: str, *, dtype: Any = jnp.float32) -> ClipModel:
 
 def clip_to_pytorch_layout(model: ClipModel) -> dict[str, np.ndarray]:
   """The model's parameters under Hugging Face's PyTorch names and layouts."""
-  out = {}
-  for (*mods, name), value in _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items():
-    value = np.asarray(value)
-    if name == "kernel":
-      name, value = "weight", (value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
-    elif name in ("embedding", "scale"):
-      name = "weight"
-    out[".".join([*mods, name])] = np.ascontiguousarray(value).reshape(value.shape)  # 0-d too
-  return out
+  return flax_to_pytorch_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def save_clip(model: ClipModel, folder: str, config: dict) -> None:

@@ -181,15 +181,19 @@ def read_flax_msgpack(folder: str) -> dict[str, np.ndarray]:
 
 
 def flax_to_pytorch_layout(tree: dict) -> dict[str, np.ndarray]:
-  """A nested dict named as the modules name it, under PyTorch names and layouts."""
+  """A nested dict named as the modules name it, under PyTorch names and layouts.
+
+  Dense kernels ``(in, out)`` become ``(out, in)`` weights, conv kernels ``(h, w, in, out)``
+  ``(out, in, h, w)``; embeddings and LayerNorm scales are ``weight``.
+  """
   out = {}
   for (*mods, name), value in _flat(tree).items():
     value = np.asarray(value)
     if name == "kernel":
-      name, value = "weight", value.T
+      name, value = "weight", (value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
     elif name in ("embedding", "scale"):
       name = "weight"
-    out[".".join([*mods, name])] = np.ascontiguousarray(value)
+    out[".".join([*mods, name])] = np.ascontiguousarray(value).reshape(value.shape)  # 0-d too
   return out
 
 
