@@ -14,10 +14,12 @@ per-pair contrastive Fisher, ``childtune_jax.clip``). Each method's learning rat
 on a selection split; the test split is scored once per seed.
 
 Data (1,797 images, 10 classes), split once: 1,000 to pretrain on, 200 to fine-tune on, 200
-to select on, 397 to test on. The model: two 2-layer pre-LN transformers (width 64, 4
-heads; images as 4 patches of 4x4 pixels plus a class token; captions word by word),
-projections to 32 dimensions and a learned temperature, named as transformers'
-``FlaxCLIPModel`` names its parameters, so ``childtune_jax.clip``'s predicates apply.
+to select on, 397 to test on. The model: the library's CLIP
+(:class:`childtune_jax.models.ClipModel`) at a tiny size: two 2-layer pre-LN transformers
+(width 64, 4 heads, quick-GELU; images as 4 patches of 4x4 pixels plus a class token;
+captions word by word, causal, pooled at the end token), projections to 32 dimensions and a
+learned temperature, named as transformers' ``FlaxCLIPModel`` names its parameters, so
+``childtune_jax.clip``'s predicates apply.
 
   python examples/clip_child_tuning.py --out results/clip [--seeds 5] [--smoke]
 
@@ -34,7 +36,6 @@ tested here on a tiny random CLIP folder, not run on real weights (no hub).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -49,6 +50,13 @@ from flax import nnx
 from childtune_jax import child_tuning_adamw, clip, default_weight_decay_mask, kept_fraction
 from childtune_jax._tree import leaf_paths
 from childtune_jax.app import files
+from childtune_jax.models.clip import (
+    ClipConfig,
+    ClipModel,
+    TowerConfig,
+    clip_from_pretrained,
+    normalise_images,
+)
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a photo of the digit {}", "a handwritten {}", "the number {}",
@@ -64,114 +72,20 @@ P = {"vision": 0.3, "text": 0.3}  # each tower's child network
 
 
 # ---------------------------------------------------------------------------- the model
-class Attention(nnx.Module):
-  def __init__(self, d: int, heads: int, rngs: nnx.Rngs):
-    self.heads = heads
-    self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-        nnx.Linear(d, d, rngs=rngs) for _ in range(4))
-
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    b, t, d = x.shape
-    q, k, v = (f(x).reshape(b, t, self.heads, d // self.heads)
-               for f in (self.q_proj, self.k_proj, self.v_proj))
-    w = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.heads)
-    if mask is not None:
-      w = jnp.where(mask[:, None, None, :], w, -1e9)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(w, -1), v).reshape(b, t, d)
-    return self.out_proj(out)
-
-
-class MLP(nnx.Module):
-  def __init__(self, d: int, rngs: nnx.Rngs):
-    self.fc1, self.fc2 = nnx.Linear(d, 2 * d, rngs=rngs), nnx.Linear(2 * d, d, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x)))
-
-
-class Layer(nnx.Module):
-  def __init__(self, d: int, heads: int, rngs: nnx.Rngs):
-    self.layer_norm1, self.layer_norm2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
-    self.self_attn, self.mlp = Attention(d, heads, rngs), MLP(d, rngs)
-
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x), mask)
-    return x + self.mlp(self.layer_norm2(x))
-
-
-class Encoder(nnx.Module):
-  def __init__(self, d: int, heads: int, depth: int, rngs: nnx.Rngs):
-    self.layers = nnx.List([Layer(d, heads, rngs) for _ in range(depth)])
-
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    for layer in self.layers:
-      x = layer(x, mask)
-    return x
-
-
-class Embeddings(nnx.Module):
-  def __init__(self, **params: Any):
-    for name, value in params.items():
-      setattr(self, name, value)
-
-
-class VisionModel(nnx.Module):
-  def __init__(self, d: int, rngs: nnx.Rngs):
-    init = nnx.initializers.normal(0.02)
-    self.embeddings = Embeddings(
-        patch_embedding=nnx.Linear(16, d, rngs=rngs),
-        class_embedding=nnx.Param(init(rngs.params(), (d,))),
-        position_embedding=nnx.Param(init(rngs.params(), (5, d))))
-    self.pre_layrnorm = nnx.LayerNorm(d, rngs=rngs)
-    self.post_layernorm = nnx.LayerNorm(d, rngs=rngs)
-    self.encoder = Encoder(d, 4, 2, rngs)
-
-  def __call__(self, images: jax.Array) -> jax.Array:
-    b = images.shape[0]  # (b, 8, 8) -> 4 patches of 4x4
-    patches = images.reshape(b, 2, 4, 2, 4).transpose(0, 1, 3, 2, 4).reshape(b, 4, 16)
-    e = self.embeddings
-    cls = jnp.broadcast_to(e.class_embedding[...], (b, 1, e.class_embedding.shape[0]))
-    x = jnp.concatenate([cls, e.patch_embedding(patches)], 1) + e.position_embedding[...]
-    return self.post_layernorm(self.encoder(self.pre_layrnorm(x))[:, 0])
-
-
-class TextModel(nnx.Module):
-  def __init__(self, d: int, rngs: nnx.Rngs):
-    self.embeddings = Embeddings(
-        token_embedding=nnx.Embed(len(VOCAB), d, rngs=rngs),
-        position_embedding=nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (MAX_WORDS, d))))
-    self.encoder = Encoder(d, 4, 2, rngs)
-    self.final_layer_norm = nnx.LayerNorm(d, rngs=rngs)
-
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    mask = tokens != 0
-    x = self.embeddings.token_embedding(tokens) + self.embeddings.position_embedding[...]
-    x = self.final_layer_norm(self.encoder(x, mask))
-    eos = jnp.sum(mask, 1) - 1  # the <eos> token's features, as CLIP's text model pools
-    return x[jnp.arange(tokens.shape[0]), eos]
-
-
-class TinyCLIP(nnx.Module):
-  """Called as :class:`childtune_jax.models.clip.ClipModel` is: ``(image_embeds,
-  text_embeds, logit_scale)`` of ``(input_ids, pixel_values, attention_mask)``."""
-
-  def __init__(self, rngs: nnx.Rngs, d: int = 64, projection: int = 32):
-    self.vision_model, self.text_model = VisionModel(d, rngs), TextModel(d, rngs)
-    self.visual_projection = nnx.Linear(d, projection, use_bias=False, rngs=rngs)
-    self.text_projection = nnx.Linear(d, projection, use_bias=False, rngs=rngs)
-    self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
-
-  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
-               attention_mask: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    del attention_mask  # its own: the ids after <eos> are <pad> (0)
-    return (self.visual_projection(self.vision_model(pixel_values)),
-            self.text_projection(self.text_model(input_ids)), self.logit_scale[...])
+# The library's CLIP (childtune_jax.models.ClipModel) at a tiny size: 8x8 grey images as 4
+# patches of 4x4 plus a class token, captions a word a token, two 2-layer towers of width 64.
+TINY = ClipConfig(
+    text=TowerConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, vocab_size=len(VOCAB),
+                     max_position_embeddings=MAX_WORDS, eos_token_id=VOCAB.index("<eos>")),
+    vision=TowerConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, image_size=8, patch_size=4, num_channels=1),
+    projection_dim=32)
 
 
 def build(seed: int = 0) -> tuple[Any, Any]:
   """The tiny model's graph and its parameters (a plain pytree, named as FlaxCLIPModel's)."""
-  graphdef, state = nnx.split(TinyCLIP(nnx.Rngs(seed)))
+  graphdef, state = nnx.split(ClipModel(TINY, rngs=nnx.Rngs(seed)))
   return graphdef, nnx.to_pure_dict(state)
 
 
@@ -193,14 +107,12 @@ def tiny_backbone() -> Backbone:
   def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.stack([tokenize_words(t) for t in texts])
     return ids, (ids != 0).astype(np.int32)
-  return Backbone(build()[0], lambda x: x, tokenize, "a small CLIP trained here")
+  return Backbone(build()[0], lambda x: x[:, None], tokenize, "a small CLIP trained here")
 
 
 def hf_backbone(folder: str) -> tuple[Backbone, Any]:
   """A local Hugging Face CLIP folder: the backbone and its parameters."""
   from tokenizers import Tokenizer
-
-  from childtune_jax.models.clip import clip_from_pretrained, normalise_images
 
   model = clip_from_pretrained(folder)
   tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
