@@ -360,6 +360,13 @@ def scale_by_dynamic_adam(
     >>> updates, state = tx.update(grads, tx.init(grads))
     >>> (updates["w"] != 0).tolist()
     [False, True, False, True]
+
+  References:
+    Xu et al, `Raise a Child in Large Language Model: Towards Effective and
+    Generalizable Fine-tuning <https://arxiv.org/abs/2109.05687>`_, EMNLP 2021
+
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015
   """
   _check_schedule(reserve_p, every, full_stage, scope, alternate)
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)

@@ -74,6 +74,22 @@ SCRIPT = textwrap.dedent("""
     k8, k1 = current_keep(s8, params), current_keep(s1, params)
     for name in params:
         np.testing.assert_array_equal(np.asarray(k8[name]), np.asarray(k1[name]))
+    # dynamic, scored by Adam's second moment: the same, its moments sharded like the params
+    from childtune_jax import scale_by_dynamic_adam
+    def dyn_adam(p):
+        tx = scale_by_dynamic_adam(0.3, every=2)
+        state = tx.init(p)
+        update = jax.jit(tx.update)
+        for i in range(5):
+            out, state = update(jax.tree_util.tree_map(lambda x: jnp.sin(x * (i + 1)), p), state)
+        return out, state
+    (out8, s8), (out1, s1) = dyn_adam(sharded), dyn_adam(local)
+    for name in params:
+        assert out8[name].sharding.is_equivalent_to(shardings[name], out8[name].ndim), name
+        assert s8.adam.nu[name].sharding.is_equivalent_to(shardings[name], out8[name].ndim), name
+        np.testing.assert_allclose(np.asarray(out8[name]), np.asarray(out1[name]), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(current_keep(s8, params)[name]),
+                                      np.asarray(current_keep(s1, params)[name]))
     print("SHARDING OK")
 """)
 
