@@ -219,6 +219,25 @@ def d_network(m: Backbone, params: Any, data: dict) -> Any:
   return clip.tower_fisher_mask(clip.contrastive_fisher(m.embed, params, batches), P)
 
 
+_STEPS: dict[tuple, Callable] = {}
+
+
+def _train_step(m: Backbone, method: str, lr: float, tx: optax.GradientTransformation
+                ) -> Callable:
+  """The jitted step of a method at a learning rate, compiled once for all its runs: what
+  differs between seeds (F's key, D's network) lives in the optimizer state."""
+  if (m, method, lr) not in _STEPS:
+    @jax.jit
+    def step(params, state, x, y):
+      def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(class_logits(m, p, x), y).mean()
+      g = jax.grad(loss)(params)
+      u, state = tx.update(g, state, params)
+      return optax.apply_updates(params, u), state
+    _STEPS[m, method, lr] = step
+  return _STEPS[m, method, lr]
+
+
 def finetune(m: Backbone, params: Any, data: dict, method: str, lr: float, seed: int,
              epochs: int, keep: Any = None, batch: int = 16) -> Any:
   """Cross-entropy of the prompt classifier on the labelled split, both towers trained."""
@@ -233,15 +252,7 @@ def finetune(m: Backbone, params: Any, data: dict, method: str, lr: float, seed:
   tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
   state = tx.init(params)
   images, labels = data["train"]
-
-  @jax.jit
-  def step(params, state, x, y):
-    def loss(p):
-      return optax.softmax_cross_entropy_with_integer_labels(class_logits(m, p, x), y).mean()
-    g = jax.grad(loss)(params)
-    u, state = tx.update(g, state, params)
-    return optax.apply_updates(params, u), state
-
+  step = _train_step(m, method, lr, tx)
   for epoch in range(epochs):
     order = np.random.default_rng([seed, epoch]).permutation(len(images))
     for i in range(0, len(order) - batch + 1, batch):
