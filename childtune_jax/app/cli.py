@@ -332,7 +332,7 @@ def _finished(out: str) -> bool:
   if os.path.exists(os.path.join(out, "summary.json")):
     return True
   return os.path.isdir(out) and any(
-      os.path.exists(os.path.join(out, d, "results.json")) for d in os.listdir(out))
+      os.path.exists(os.path.join(out, d, files.RESULTS_FILE)) for d in os.listdir(out))
 
 
 def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
@@ -385,7 +385,7 @@ def _other_seeds(out: str, results: dict[int, dict], cfg: Any) -> dict[int, dict
   this = _experiment(dataclasses.asdict(cfg))
   found = {}
   for name in sorted(os.listdir(out)):
-    path = os.path.join(out, name, "results.json")
+    path = os.path.join(out, name, files.RESULTS_FILE)
     if not (name.startswith("seed-") and name[5:].lstrip("-").isdigit()
             and os.path.isfile(path)):
       continue
@@ -458,14 +458,13 @@ def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
 
 
 STAGING = ".childtune-overwrite"  # where --overwrite runs until it replaces the old run
-_OWN_FILES = ("results.json", "run.json", "checkpoints", "child_mask.npz", "model", "history.json")
 
 
 def _is_seed_dir(out: str, name: str) -> bool:
   """``seed-<n>`` folders that childtune wrote (a user's ``seed-42-backup/`` is not one)."""
   path = os.path.join(out, name)
   return (name.startswith("seed-") and name[5:].isdigit() and os.path.isdir(path)
-          and any(os.path.exists(os.path.join(path, f)) for f in _OWN_FILES))
+          and any(os.path.exists(os.path.join(path, f)) for f in files.SEED_FILES))
 
 
 def _own_entries(out: str) -> list[str]:
@@ -500,7 +499,7 @@ def _writable(out: str, option: str = "--output-dir") -> None:
 
 def _check_same_run(seed_dir: str, cfg: Any) -> None:
   """Refuses to resume (or reuse) a seed folder that another configuration wrote."""
-  for name in ("results.json", "run.json"):
+  for name in (files.RESULTS_FILE, files.RUN_FILE):
     path = os.path.join(seed_dir, name)
     if not os.path.exists(path):
       continue
@@ -643,7 +642,7 @@ def _run_seeds(args: argparse.Namespace, cache: str | None, task: data.Task,
     with _compilation_cache(cache):
       for seed in args.seeds:
         seed_dir = os.path.join(run_root, f"seed-{seed}")
-        done = os.path.join(seed_dir, "results.json")
+        done = os.path.join(seed_dir, files.RESULTS_FILE)
         if args.resume and os.path.exists(done):
           with open(done) as f:
             results[seed] = json.load(f)

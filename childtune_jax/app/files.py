@@ -14,6 +14,15 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+# What a seed folder (``OUT/seed-<n>/``) holds.
+RUN_FILE = "run.json"  # its configuration, written before training starts
+HISTORY_FILE = "history.json"  # selection scores and network changes so far, for a resume
+CHECKPOINT_DIR = "checkpoints"  # orbax checkpoints while it trains
+RESULTS_FILE = "results.json"  # a finished seed's results (its presence: the seed is done)
+MASK_FILE = "child_mask.npz"  # the child network a D (or random) run trained
+MODEL_DIR = "model"  # the fine-tuned model, in Hugging Face's layout
+SEED_FILES = (RESULTS_FILE, RUN_FILE, CHECKPOINT_DIR, MASK_FILE, MODEL_DIR, HISTORY_FILE)
+
 
 @contextlib.contextmanager
 def replacing(path: str) -> Iterator[str]:

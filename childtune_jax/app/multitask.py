@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from childtune_jax import parallel
-from childtune_jax.app import data, train
+from childtune_jax.app import data, files, train
 from childtune_jax.app.checkpoints import Checkpoints, load_keep
 from childtune_jax.masks import COMBINE, is_encoder_layer, shared_fisher_mask
 
@@ -152,7 +152,7 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
   train_step = train.make_train_step(r, loss_fn, tx, params, opt_state)
   evaluates = [train.make_evaluate(dataclasses.replace(r, task=t), logits_of(i), s)
                for i, (t, s) in enumerate(zip(tasks, splits))]
-  ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"))
+  ckpt = Checkpoints(os.path.join(out_dir, files.CHECKPOINT_DIR))
   state = train.restore_or_start(r, plan, ckpt, params, opt_state, resume)
   state = _loop(r, plan, state, train_step, splits, counts, ckpt,
                 functools.partial(_selection_score, tasks, evaluates, splits))
@@ -165,7 +165,7 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
   cfg = r.cfg
   if cfg.mode not in ("D", "shared-D"):
     return None
-  mask_path = os.path.join(r.out_dir, "child_mask.npz")
+  mask_path = os.path.join(r.out_dir, files.MASK_FILE)
   if resume and os.path.exists(mask_path):
     keep = load_keep(mask_path, params)
   else:

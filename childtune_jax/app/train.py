@@ -47,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 MODES = ("vanilla", "F", "D", "random", "dynamic")
 SELECTION = "selection"  # the name of the selection split among the evaluation splits
-RUN_FILE = "run.json"  # a seed folder's configuration, written before training starts
-HISTORY_FILE = "history.json"  # selection scores and network changes so far, for a resume
 
 
 class TrainingFailed(RuntimeError):
@@ -258,7 +256,7 @@ def start(cfg: TrainConfig, out_dir: str, task: data.Task | None = None) -> Run:
   primary = parallel.is_primary()
   os.makedirs(out_dir, exist_ok=True)
   if primary and not os.listdir(out_dir):
-    files.write_json(os.path.join(out_dir, RUN_FILE), {"config": dataclasses.asdict(cfg)})
+    files.write_json(os.path.join(out_dir, files.RUN_FILE), {"config": dataclasses.asdict(cfg)})
   results: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
   return Run(cfg, task, out_dir, mesh, axes, primary, results, timings={})
 
@@ -333,7 +331,7 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
   cfg = r.cfg
   if cfg.mode not in ("D", "random"):
     return None
-  mask_path = os.path.join(r.out_dir, "child_mask.npz")
+  mask_path = os.path.join(r.out_dir, files.MASK_FILE)
   if resume and os.path.exists(mask_path):
     keep = load_keep(mask_path, params)
   elif cfg.child_mask:
@@ -489,7 +487,7 @@ def restore_or_start(r: Run, plan: Plan, ckpt: Checkpoints, params: Any, opt_sta
                      resume: bool) -> TrainState:
   """Step 0, or the latest checkpoint's state (with the history kept beside it)."""
   state = TrainState(0, params, opt_state, [], {"selection": {}, "networks": []})
-  history_path = os.path.join(r.out_dir, HISTORY_FILE)
+  history_path = os.path.join(r.out_dir, files.HISTORY_FILE)
   if not resume:
     return state
   if os.path.exists(history_path):
@@ -510,7 +508,7 @@ def restore_or_start(r: Run, plan: Plan, ckpt: Checkpoints, params: Any, opt_sta
 def write_history(r: Run, state: TrainState) -> None:
   """Keeps the history beside the checkpoints (process 0), for a resumed run."""
   if r.primary:
-    files.write_json(os.path.join(r.out_dir, HISTORY_FILE), state.history)
+    files.write_json(os.path.join(r.out_dir, files.HISTORY_FILE), state.history)
 
 
 def train_loop(r: Run, plan: Plan, state: TrainState, train_step: Callable, evaluate: Callable,
@@ -612,15 +610,15 @@ def write_outputs(r: Run, plan: Plan, state: TrainState, ckpt: Checkpoints,
     params = jax.tree_util.tree_map(parallel.to_host, state.params)
   if r.primary:
     if r.cfg.save_model:
-      model_dir = os.path.join(r.out_dir, "model")
+      model_dir = os.path.join(r.out_dir, files.MODEL_DIR)
       tmp = model_dir + ".tmp"
       shutil.rmtree(tmp, ignore_errors=True)
       save(tmp, params)
       shutil.rmtree(model_dir, ignore_errors=True)
       os.replace(tmp, model_dir)
-    files.write_json(os.path.join(r.out_dir, "results.json"), results)
-    shutil.rmtree(os.path.join(r.out_dir, "checkpoints"), ignore_errors=True)
-    history_path = os.path.join(r.out_dir, HISTORY_FILE)
+    files.write_json(os.path.join(r.out_dir, files.RESULTS_FILE), results)
+    shutil.rmtree(os.path.join(r.out_dir, files.CHECKPOINT_DIR), ignore_errors=True)
+    history_path = os.path.join(r.out_dir, files.HISTORY_FILE)
     if os.path.exists(history_path):
       os.remove(history_path)
   parallel.barrier(f"finished {r.out_dir}")  # no process reads a half-written folder
@@ -649,7 +647,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   opt_state = jax.jit(tx.init, out_shardings=state_shardings)(model.params)  # made in place
   train_step = make_train_step(r, loss_fn, tx, model.params, opt_state)
   evaluate = make_evaluate(r, model.apply, splits)
-  ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"))
+  ckpt = Checkpoints(os.path.join(out_dir, files.CHECKPOINT_DIR))
   state = restore_or_start(r, plan, ckpt, model.params, opt_state, resume)
   state = train_loop(r, plan, state, train_step, evaluate, splits, ckpt)
   return finish(r, plan, state, model, evaluate, splits, ckpt)
