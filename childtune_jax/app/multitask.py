@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from childtune_jax import parallel
 from childtune_jax.app import data, files, train
@@ -202,53 +201,34 @@ def _selection_score(tasks: list[data.Task], evaluates: list[Callable],
 def _loop(r: train.Run, plan: train.Plan, state: train.TrainState, train_step: Callable,
           splits: list[train.Splits], counts: list[int], ckpt: Checkpoints,
           selection: Callable[[Any], float | None]) -> train.TrainState:
-  """Trains from ``state.step`` to the end: one task's batch per step, drawn as documented.
+  """:func:`train.run_steps` with one task's batch per step, drawn as documented.
 
   After every epoch but the last, ``selection(params)`` (the tasks' mean selection score)
-  goes to the history, kept beside the checkpoints.
+  goes to the history.
   """
   cfg = r.cfg
-  sharding = parallel.batch_sharding(r.mesh)
   streams = [TaskStream(n, cfg.batch_size, cfg.seed, i) for i, n in enumerate(counts)]
   drawn = np.zeros(len(counts), np.int64)  # batches each task has had before this step
   for epoch in range(state.step // plan.steps_per_epoch + 1):
     seq = task_sequence(counts, cfg.temperature, cfg.seed, epoch, plan.steps_per_epoch)
     upto = min(plan.steps_per_epoch, state.step - epoch * plan.steps_per_epoch)
     drawn += np.bincount(seq[:max(upto, 0)], minlength=len(counts))
-  sequence_epoch, seq = None, None
-  t = time.perf_counter()
-  with tqdm(total=plan.total_steps, initial=state.step, desc=f"train seed {cfg.seed}",
-            unit="step", disable=None) as bar:
-    while state.step < plan.total_steps:
-      epoch, offset = divmod(state.step, plan.steps_per_epoch)
-      if epoch != sequence_epoch:
-        sequence_epoch = epoch
-        seq = task_sequence(counts, cfg.temperature, cfg.seed, epoch, plan.steps_per_epoch)
-      i = int(seq[offset])
-      rows = streams[i].rows(int(drawn[i]))
-      drawn[i] += 1
-      batch = data.make_batch(splits[i].train, rows, cfg.max_seq_length, splits[i].pad_id,
-                              rows=cfg.batch_size, bucket=cfg.pad_multiple)
-      state.params, state.opt_state, loss = train_step(
-          state.params, state.opt_state, parallel.put_batch(_with_task(batch, i), sharding),
-          jnp.int32(state.step))
-      state.step += 1
-      state.losses.append(loss)
-      bar.update(1)
-      step = state.step
-      saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps)
-      if step % plan.steps_per_epoch == 0 or saving or step == plan.total_steps:
-        train.check_finite(state.losses, state.params, step, ckpt)
-      if step % plan.steps_per_epoch == 0 and step < plan.total_steps:
-        score = selection(state.params)
-        if score is not None:
-          state.history["selection"][str(step // plan.steps_per_epoch)] = score
-          train.write_history(r, state)
-      if saving:
-        ckpt.save(step, state.params, state.opt_state, state.all_losses(plan.total_steps))
-  jax.block_until_ready(state.params)
-  r.timings["train_s"] = time.perf_counter() - t
-  return state
+  sequences: dict[int, np.ndarray] = {}
+
+  def next_batch(step: int) -> dict:
+    epoch, offset = divmod(step, plan.steps_per_epoch)
+    if epoch not in sequences:
+      sequences.clear()
+      sequences[epoch] = task_sequence(counts, cfg.temperature, cfg.seed, epoch,
+                                       plan.steps_per_epoch)
+    i = int(sequences[epoch][offset])
+    rows = streams[i].rows(int(drawn[i]))
+    drawn[i] += 1
+    batch = data.make_batch(splits[i].train, rows, cfg.max_seq_length, splits[i].pad_id,
+                            rows=cfg.batch_size, bucket=cfg.pad_multiple)
+    return _with_task(batch, i)
+
+  return train.run_steps(r, plan, state, train_step, next_batch, ckpt, selection=selection)
 
 
 def _finish(r: train.Run, plan: train.Plan, state: train.TrainState, models: list,

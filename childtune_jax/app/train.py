@@ -511,58 +511,85 @@ def write_history(r: Run, state: TrainState) -> None:
     files.write_json(os.path.join(r.out_dir, files.HISTORY_FILE), state.history)
 
 
-def train_loop(r: Run, plan: Plan, state: TrainState, train_step: Callable, evaluate: Callable,
-               splits: Splits, ckpt: Checkpoints) -> TrainState:
+def run_steps(r: Run, plan: Plan, state: TrainState, train_step: Callable,
+              next_batch: Callable[[int], dict], ckpt: Checkpoints, *,
+              selection: Callable[[Any], Any] | None = None,
+              after_step: Callable[[int], None] | None = None) -> TrainState:
   """Trains from ``state.step`` to the end, checking, scoring and checkpointing on the way.
 
-  The selection split is scored after every epoch (how the score moves with training),
-  and a dynamic child network is compared with the one before at every re-selection;
-  both go to the history, kept beside the checkpoints, so that a resumed run has it all.
+  ``next_batch(step)`` is the host batch of micro-batch ``step``; ``after_step(step)`` runs
+  after each (``step`` counts the steps taken). After every epoch but the last,
+  ``selection(params)`` (if given, and unless it returns ``None``) goes to the history, kept
+  beside the checkpoints, so that a resumed run has it all.
   """
   cfg = r.cfg
   sharding = parallel.batch_sharding(r.mesh)
-  network = None
-  if cfg.mode == "dynamic":  # the network in force, to compare the next selection with
-    info = r.results["child_network"]
-    network = {"every": info["every"], "full_stage": info["full_stage"],
-               "previous": jax.tree_util.tree_map(jnp.copy,
-                                                  _dynamic_state(state.opt_state).keep)}
   t = time.perf_counter()
   with tqdm(total=plan.total_steps, initial=state.step, desc=f"train seed {cfg.seed}",
             unit="step", disable=None) as bar:
-    order_epoch, order = None, None
     while state.step < plan.total_steps:
-      epoch, offset = divmod(state.step, plan.steps_per_epoch)
-      if epoch != order_epoch:
-        order_epoch, order = epoch, data.epoch_order(len(splits.train), cfg.seed, epoch)
-      index = order[offset * cfg.batch_size:(offset + 1) * cfg.batch_size]
-      batch = data.make_batch(splits.train, index, cfg.max_seq_length, splits.pad_id,
-                              rows=cfg.batch_size, bucket=cfg.pad_multiple)
       state.params, state.opt_state, loss = train_step(
-          state.params, state.opt_state, parallel.put_batch(batch, sharding),
+          state.params, state.opt_state, parallel.put_batch(next_batch(state.step), sharding),
           jnp.int32(state.step))
       state.step += 1
       state.losses.append(loss)
       bar.update(1)
       step = state.step
-      t_opt = step // cfg.grad_accum - 1  # the optimizer step just taken, if any
-      if network and step % cfg.grad_accum == 0 and t_opt >= network["full_stage"] \
-          and (t_opt - network["full_stage"]) % network["every"] == 0:
-        state.history["networks"].append(_network_change(network, state.opt_state, t_opt))
-        write_history(r, state)
+      if after_step is not None:
+        after_step(step)
       end_of_epoch = step % plan.steps_per_epoch == 0
       saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps)
       if end_of_epoch or saving or step == plan.total_steps:
         check_finite(state.losses, state.params, step, ckpt)
-      if SELECTION in splits.evals and end_of_epoch and step < plan.total_steps:
-        state.history["selection"][str(step // plan.steps_per_epoch)] = evaluate(
-            state.params, SELECTION)
-        write_history(r, state)
+      if selection is not None and end_of_epoch and step < plan.total_steps:
+        score = selection(state.params)
+        if score is not None:
+          state.history["selection"][str(step // plan.steps_per_epoch)] = score
+          write_history(r, state)
       if saving:
         ckpt.save(step, state.params, state.opt_state, state.all_losses(plan.total_steps))
   jax.block_until_ready(state.params)
   r.timings["train_s"] = time.perf_counter() - t
   return state
+
+
+def train_loop(r: Run, plan: Plan, state: TrainState, train_step: Callable, evaluate: Callable,
+               splits: Splits, ckpt: Checkpoints) -> TrainState:
+  """:func:`run_steps` over the training split, in each epoch's order.
+
+  The selection split is scored after every epoch (how the score moves with training),
+  and a dynamic child network is compared with the one before at every re-selection.
+  """
+  cfg = r.cfg
+  orders: dict[int, np.ndarray] = {}
+
+  def next_batch(step: int) -> dict:
+    epoch, offset = divmod(step, plan.steps_per_epoch)
+    if epoch not in orders:
+      orders.clear()
+      orders[epoch] = data.epoch_order(len(splits.train), cfg.seed, epoch)
+    index = orders[epoch][offset * cfg.batch_size:(offset + 1) * cfg.batch_size]
+    return data.make_batch(splits.train, index, cfg.max_seq_length, splits.pad_id,
+                           rows=cfg.batch_size, bucket=cfg.pad_multiple)
+
+  after_step = None
+  if cfg.mode == "dynamic":  # the network in force, to compare the next selection with
+    info = r.results["child_network"]
+    network = {"every": info["every"], "full_stage": info["full_stage"],
+               "previous": jax.tree_util.tree_map(jnp.copy,
+                                                  _dynamic_state(state.opt_state).keep)}
+
+    def after_step(step: int) -> None:
+      t_opt = step // cfg.grad_accum - 1  # the optimizer step just taken, if any
+      if step % cfg.grad_accum == 0 and t_opt >= network["full_stage"] \
+          and (t_opt - network["full_stage"]) % network["every"] == 0:
+        state.history["networks"].append(_network_change(network, state.opt_state, t_opt))
+        write_history(r, state)
+
+  selection = ((lambda params: evaluate(params, SELECTION)) if SELECTION in splits.evals
+               else None)
+  return run_steps(r, plan, state, train_step, next_batch, ckpt, selection=selection,
+                   after_step=after_step)
 
 
 def finish(r: Run, plan: Plan, state: TrainState, model: loading.Classifier,
