@@ -116,6 +116,8 @@ def hf_backbone(folder: str) -> tuple[Backbone, Any]:
 
   model = clip_from_pretrained(folder)
   tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+  tokenizer.no_padding()  # each caption as long as it is; truncated below
+  tokenizer.no_truncation()
   size, length = model.config.vision.image_size, model.config.text.max_position_embeddings
 
   def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

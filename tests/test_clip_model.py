@@ -131,6 +131,10 @@ def test_loader_and_config_errors_name_the_problem(tmp_path):
   bad = {**config, "vision_config": {**config["vision_config"], "hidden_act": "swish"}}
   with pytest.raises(ConfigError, match="hidden_act 'swish'"):
     clip_from_pretrained(folder("act", tensors, bad))
+  # an older checkpoint's <tower>_config_dict is read as its <tower>_config
+  older = {k: v for k, v in config.items() if k != "text_config"}
+  older["text_config_dict"] = config["text_config"]
+  assert ClipConfig.from_dict(older) == ClipConfig.from_dict(config)
 
 
 def test_a_d_step_of_the_clip_changes_only_its_child_network(golden):

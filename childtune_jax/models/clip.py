@@ -73,13 +73,16 @@ class ClipConfig:
       raise ConfigError(f"{where}: model_type {config.get('model_type')!r} is not a CLIP")
     towers = {}
     for name, defaults in (("text", _TEXT), ("vision", _VISION)):
-      given = config.get(f"{name}_config") or {}
+      # (some older checkpoints keep a tower's settings under ``<tower>_config_dict``)
+      given = config.get(f"{name}_config") or config.get(f"{name}_config_dict") or {}
+      if not isinstance(given, dict):
+        raise ConfigError(f"{where}: {name}_config is not a JSON object")
       known = {f.name for f in dataclasses.fields(TowerConfig)}
       towers[name] = TowerConfig(**{**defaults, **{k: v for k, v in given.items() if k in known}})
       act = towers[name].hidden_act
       if act not in ACTIVATIONS:
         raise ConfigError(f"{where}: {name} hidden_act {act!r} is not one of {sorted(ACTIVATIONS)}")
-      if float(given.get("attention_dropout", 0.0)) != 0.0:
+      if float(given.get("attention_dropout") or 0.0) != 0.0:
         raise ConfigError(f"{where}: {name} attention_dropout > 0 is not supported (CLIP's "
                           "released configs use none)")
       tower = towers[name]
