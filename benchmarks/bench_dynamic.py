@@ -2,7 +2,7 @@
 
 ``chain(child_tuning_dynamic(0.3, every=E), adamw)`` costs an ordinary step (the score's
 EMA and the packed mask) on most steps and a re-selection (the exact radix search for the
-top-30% threshold, 8 counting passes) every ``E`` steps. Measured side by side in one
+top-30% threshold, 3 histogram passes) every ``E`` steps. Measured side by side in one
 process (cases interleaved over rounds, median of each): ``adamw`` alone, an ordinary
 dynamic step, a re-selection step (global and per-leaf), and the amortised cost
 ``((E - 1) * ordinary + reselection) / E``; the same for ``child_tuning_dynamic_adamw``,
