@@ -128,6 +128,23 @@ def _select(scores: list[jax.Array], reserve_p: Any, scope: str) -> list[jax.Arr
           for s, g in zip(scores, owner)]
 
 
+def _network_step(leaves: list[Any], keeps: list[Any], idx: list[int], scores: list[jax.Array],
+                  select: jax.Array, gathering: jax.Array, reserve_p: Any, scope: str
+                  ) -> tuple[list[Any], list[Any]]:
+  """One step of a dynamic network over flat leaves: on a selection step the network
+  becomes the top ``reserve_p`` of ``scores`` (those of the leaves ``idx``); the updates of
+  those leaves are zeroed outside it (kept whole while ``gathering``). Returns the updates
+  and the network, leaf by leaf."""
+  new_keeps = jax.lax.cond(select, lambda _: _select(scores, reserve_p, scope),
+                           lambda _: [keeps[i] for i in idx], None)
+  out, keep_leaves = list(leaves), list(keeps)
+  for i, k in zip(idx, new_keeps):
+    take = _packing.unpack_leaf(k, leaves[i].shape) | gathering
+    out[i] = jnp.where(take, leaves[i], jnp.zeros_like(leaves[i]))
+    keep_leaves[i] = k
+  return out, keep_leaves
+
+
 def _check_schedule(reserve_p: Any, every: Any, full_stage: Any, scope: str,
                     alternate: bool) -> None:
   _check_reserve_p(reserve_p)
@@ -278,17 +295,11 @@ def child_tuning_dynamic(
         s = decay * s + (1.0 - decay) * g2
       new_scores.append(s.astype(score_dtype))
 
-    new_keeps = jax.lax.cond(select, lambda _: _select(new_scores, reserve_p, scope),
-                             lambda _: [keeps[i] for i in idx], None)
-
-    out = list(leaves)
-    for i, k in zip(idx, new_keeps):
-      u = leaves[i]
-      take = _packing.unpack_leaf(k, u.shape) | gathering
-      out[i] = jnp.where(take, u, jnp.zeros_like(u))
-    score_leaves, keep_leaves = list(scores), list(keeps)
-    for j, i in enumerate(idx):
-      score_leaves[i], keep_leaves[i] = new_scores[j], new_keeps[j]
+    out, keep_leaves = _network_step(leaves, keeps, idx, new_scores, select, gathering,
+                                     reserve_p, scope)
+    score_leaves = list(scores)
+    for i, s in zip(idx, new_scores):
+      score_leaves[i] = s
     new_state = ChildTuningDynamicState(
         count=optax.safe_int32_increment(state.count),
         score=jax.tree_util.tree_unflatten(treedef, score_leaves),
@@ -395,13 +406,8 @@ def scale_by_dynamic_adam(
     nus = treedef.flatten_up_to(adam_state.nu)
     keeps = treedef.flatten_up_to(state.keep)
     idx = [i for i, take in enumerate(selected) if take]
-    new_keeps = jax.lax.cond(select, lambda _: _select([nus[i] for i in idx], reserve_p, scope),
-                             lambda _: [keeps[i] for i in idx], None)
-    out, keep_leaves = list(leaves), list(keeps)
-    for i, k in zip(idx, new_keeps):
-      take = _packing.unpack_leaf(k, leaves[i].shape) | gathering
-      out[i] = jnp.where(take, leaves[i], jnp.zeros_like(leaves[i]))
-      keep_leaves[i] = k
+    out, keep_leaves = _network_step(leaves, keeps, idx, [nus[i] for i in idx], select,
+                                     gathering, reserve_p, scope)
     return jax.tree_util.tree_unflatten(treedef, out), DynamicAdamState(
         adam=adam_state, keep=jax.tree_util.tree_unflatten(treedef, keep_leaves))
 
