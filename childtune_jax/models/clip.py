@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from childtune_jax.models.bert import ConfigError
+from childtune_jax.models.bert import ConfigError, _norm
 from childtune_jax.models.loading import (
     CheckpointKeyError,
     _flat,
@@ -107,6 +107,10 @@ class ClipConfig:
     return cls.from_dict(config, path)
 
 
+def _layer_norm(c: TowerConfig, rngs: nnx.Rngs, dtype: Any) -> nnx.LayerNorm:
+  return _norm(rngs, c.hidden_size, c.layer_norm_eps, dtype, jnp.float32)
+
+
 class Attention(nnx.Module):
   def __init__(self, c: TowerConfig, rngs: nnx.Rngs, dtype: Any):
     d = c.hidden_size
@@ -139,11 +143,9 @@ class Layer(nnx.Module):
   """A pre-LayerNorm transformer layer."""
 
   def __init__(self, c: TowerConfig, rngs: nnx.Rngs, dtype: Any):
-    self.layer_norm1 = nnx.LayerNorm(c.hidden_size, epsilon=c.layer_norm_eps, dtype=dtype,
-                                     rngs=rngs)
+    self.layer_norm1 = _layer_norm(c, rngs, dtype)
     self.self_attn = Attention(c, rngs, dtype)
-    self.layer_norm2 = nnx.LayerNorm(c.hidden_size, epsilon=c.layer_norm_eps, dtype=dtype,
-                                     rngs=rngs)
+    self.layer_norm2 = _layer_norm(c, rngs, dtype)
     self.mlp = MLP(c, rngs, dtype)
 
   def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -175,8 +177,7 @@ class TextTransformer(nnx.Module):
         position_embedding=nnx.Embed(c.max_position_embeddings, c.hidden_size, dtype=dtype,
                                      rngs=rngs))
     self.encoder = Encoder(c, rngs, dtype)
-    self.final_layer_norm = nnx.LayerNorm(c.hidden_size, epsilon=c.layer_norm_eps, dtype=dtype,
-                                          rngs=rngs)
+    self.final_layer_norm = _layer_norm(c, rngs, dtype)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """The pooled features: the end token's (the top id with ``eos_token_id == 2``)."""
@@ -204,9 +205,9 @@ class VisionTransformer(nnx.Module):
         patch_embedding=nnx.Conv(c.num_channels, d, (p, p), strides=(p, p), padding="VALID",
                                  use_bias=False, dtype=dtype, rngs=rngs),
         position_embedding=nnx.Embed(positions, d, dtype=dtype, rngs=rngs))
-    self.pre_layrnorm = nnx.LayerNorm(d, epsilon=c.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.pre_layrnorm = _layer_norm(c, rngs, dtype)
     self.encoder = Encoder(c, rngs, dtype)
-    self.post_layernorm = nnx.LayerNorm(d, epsilon=c.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.post_layernorm = _layer_norm(c, rngs, dtype)
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     """The pooled features (the class token's) of images ``(batch, channels, H, W)``."""
