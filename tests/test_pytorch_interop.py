@@ -28,12 +28,25 @@ GLUE = os.path.join(HERE, "fixtures", "glue")
 TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 
 
-def _torch_model(folder):
-  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-      folder, output_loading_info=True)
-  # Every weight came from the file: none missing, unexpected or resized.
+def _loaded_whole(loaded):
+  """A ``from_pretrained(..., output_loading_info=True)``'s model, every weight from the file:
+  none missing, unexpected or resized."""
+  model, info = loaded
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
   return model.eval()
+
+
+def _torch_model(folder):
+  return _loaded_whole(transformers.AutoModelForSequenceClassification.from_pretrained(
+      folder, output_loading_info=True))
+
+
+def _move_every_parameter(model, seed):
+  """Moves every parameter off the checkpoint (as fine-tuning does), head included."""
+  leaves, treedef = jax.tree_util.tree_flatten(nnx.state(model, nnx.Param))
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  nnx.update(model, jax.tree_util.tree_unflatten(
+      treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
 
 
 def _torch_logits(model, ids, mask, types):
@@ -45,12 +58,7 @@ def _torch_logits(model, ids, mask, types):
 @pytest.mark.parametrize("family", ("bert", "roberta", "electra"))
 def test_a_saved_model_gives_pytorchs_logits(family, tmp_path):
   model, _ = from_pretrained(os.path.join(NNX, family), num_labels=3)
-  # Move every parameter off the checkpoint (as fine-tuning does), head included.
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(0), len(leaves))
-  nnx.update(model, jax.tree_util.tree_unflatten(
-      treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+  _move_every_parameter(model, 0)
   save_pretrained(model, str(tmp_path))
 
   with np.load(os.path.join(NNX, family, "golden.npz")) as f:
@@ -95,20 +103,16 @@ def test_a_saved_clip_gives_pytorchs_features(tmp_path):
 
   folder = os.path.join(HERE, "fixtures", "clip")
   model = clip_from_pretrained(folder)
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  nnx.update(model, jax.tree_util.tree_unflatten(
-      treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+  _move_every_parameter(model, 1)
   with open(os.path.join(folder, "config.json")) as f:
     save_clip(model, str(tmp_path), json.load(f))
-  theirs, info = transformers.CLIPModel.from_pretrained(str(tmp_path), output_loading_info=True)
-  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  theirs = _loaded_whole(transformers.CLIPModel.from_pretrained(str(tmp_path),
+                                                                 output_loading_info=True))
   with np.load(os.path.join(folder, "golden.npz")) as f:
     g = dict(f)
   image, text, scale = model(g["input_ids"], g["pixel_values"], g["attention_mask"])
   with torch.no_grad():
-    t_image = theirs.eval().get_image_features(pixel_values=torch.as_tensor(g["pixel_values"]))
+    t_image = theirs.get_image_features(pixel_values=torch.as_tensor(g["pixel_values"]))
     t_text = theirs.get_text_features(input_ids=torch.as_tensor(g["input_ids"]),
                                       attention_mask=torch.as_tensor(g["attention_mask"]))
   t_image, t_text = (getattr(x, "pooler_output", x).numpy() for x in (t_image, t_text))

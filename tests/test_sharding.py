@@ -58,15 +58,15 @@ SCRIPT = textwrap.dedent("""
             assert p8[name].sharding.is_equivalent_to(shardings[name], p8[name].ndim)
             np.testing.assert_allclose(np.asarray(p8[name]), np.asarray(p1[name]), rtol=1e-6)
     # dynamic: the re-selected networks are the same on 1 and 8 devices, sharded like the params
-    from childtune_jax import child_tuning_dynamic, current_keep
-    def dyn(p):
-        tx = child_tuning_dynamic(0.3, every=2, decay=0.5)
+    from childtune_jax import child_tuning_dynamic, current_keep, scale_by_dynamic_adam
+    def dyn(tx, p):
         state = tx.init(p)
         update = jax.jit(tx.update)
         for i in range(5):
             out, state = update(jax.tree_util.tree_map(lambda x: jnp.sin(x * (i + 1)), p), state)
         return out, state
-    (out8, s8), (out1, s1) = dyn(sharded), dyn(local)
+    tx = child_tuning_dynamic(0.3, every=2, decay=0.5)
+    (out8, s8), (out1, s1) = dyn(tx, sharded), dyn(tx, local)
     for name in params:
         assert out8[name].sharding.is_equivalent_to(shardings[name], out8[name].ndim), name
         assert s8.score[name].sharding.is_equivalent_to(shardings[name], out8[name].ndim), name
@@ -75,15 +75,8 @@ SCRIPT = textwrap.dedent("""
     for name in params:
         np.testing.assert_array_equal(np.asarray(k8[name]), np.asarray(k1[name]))
     # dynamic, scored by Adam's second moment: the same, its moments sharded like the params
-    from childtune_jax import scale_by_dynamic_adam
-    def dyn_adam(p):
-        tx = scale_by_dynamic_adam(0.3, every=2)
-        state = tx.init(p)
-        update = jax.jit(tx.update)
-        for i in range(5):
-            out, state = update(jax.tree_util.tree_map(lambda x: jnp.sin(x * (i + 1)), p), state)
-        return out, state
-    (out8, s8), (out1, s1) = dyn_adam(sharded), dyn_adam(local)
+    tx = scale_by_dynamic_adam(0.3, every=2)
+    (out8, s8), (out1, s1) = dyn(tx, sharded), dyn(tx, local)
     for name in params:
         assert out8[name].sharding.is_equivalent_to(shardings[name], out8[name].ndim), name
         assert s8.adam.nu[name].sharding.is_equivalent_to(shardings[name], out8[name].ndim), name
