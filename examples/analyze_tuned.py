@@ -187,6 +187,69 @@ def grid_table(info: dict) -> list[str]:
   return lines
 
 
+GLUE_TASKS = ("sst2", "cola", "mrpc", "rte")  # the tasks whose choices set the CLI's defaults
+DEFAULT_METHODS = ("vanilla", "F", "D", "dynamic")
+SHORT, LONG, STUDY_STEPS_PER_EPOCH = 3, 10, 63  # 1,000 examples in batches of 16
+
+
+def _grid_means(choice: dict) -> dict[tuple[float, int], float]:
+  """A choice's selection grid, mean score per point; a diverged point scores ``-inf``."""
+  return {(g["learning_rate"], g["epochs"]): -np.inf if g["mean"] is None else g["mean"]
+          for g in choice["grid"]}
+
+
+def mean_ranks(grids: list[dict[float, float]]) -> dict[float, float]:
+  """Each learning rate's rank (1 = best; ties share their mean rank), averaged over grids."""
+  ranks: dict[float, list[float]] = {}
+  for grid in grids:
+    for lr, score in grid.items():
+      above = sum(s > score for s in grid.values())
+      tied = sum(s == score for s in grid.values()) - 1
+      ranks.setdefault(lr, []).append(1 + above + tied / 2)
+  return {lr: float(np.mean(r)) for lr, r in ranks.items() if len(r) == len(grids)}
+
+
+def derive_defaults(tasks: dict[str, dict]) -> dict[str, dict]:
+  """The CLI's ``tuned`` preset: per method, one learning rate and training length.
+
+  The rule, over the GLUE tasks whose choice of the method is made: the learning rate is the
+  one with the best mean rank in the tasks' 3-epoch selection grids (complete for every
+  rate; ties go to the lower rate); the training length is 10 epochs of 1,000 examples
+  (630 steps) if, on average over the tasks, the 10-epoch runs scored above the 3-epoch
+  runs at the same rate (measured at each task's best 3-epoch rate), else 3 (189 steps).
+  """
+  out = {}
+  for method in DEFAULT_METHODS:
+    grids = {t: _grid_means(tasks[t]["choices"][method]) for t in GLUE_TASKS
+             if t in tasks and method in tasks[t]["choices"]}
+    ranks = mean_ranks([{lr: s for (lr, ep), s in g.items() if ep == SHORT}
+                        for g in grids.values()])
+    if not ranks:  # no task has its choice of the method, or no 3-epoch grid
+      continue
+    lr = min(ranks, key=lambda r: (ranks[r], r))
+    gains = [g[(r, LONG)] - g[(r, SHORT)] for g in grids.values()
+             for (r, ep) in g if ep == LONG]
+    epochs = LONG if gains and np.mean(gains) > 0 else SHORT
+    out[method] = {"learning_rate": lr, "min_steps": epochs * STUDY_STEPS_PER_EPOCH,
+                   "tasks": sorted(grids), "mean_rank": ranks,
+                   "long_gain": float(np.mean(gains)) if gains else None}
+  return out
+
+
+def defaults_section(defaults: dict[str, dict]) -> list[str]:
+  """The summary's "Defaults" section: the rule's output, which `presets.TUNED` must equal."""
+  lines = ["## Defaults for the CLI (`childtune_jax.app.presets.TUNED`)", "",
+           derive_defaults.__doc__.split("\n\n")[1].replace("\n  ", " ").strip(), "",
+           "| method | tasks | mean rank per lr (3 epochs) | lr | 10 − 3 epochs (points) | "
+           "min steps |", "|---|---|---|---:|---:|---:|"]
+  for method, d in defaults.items():
+    ranks = ", ".join(f"{lr:g}: {r:.2f}" for lr, r in sorted(d["mean_rank"].items()))
+    gain = "" if d["long_gain"] is None else f"{100 * d['long_gain']:+.2f}"
+    lines.append(f"| {method} | {' '.join(d['tasks'])} | {ranks} | {d['learning_rate']:g} | "
+                 f"{gain} | {d['min_steps']} |")
+  return lines + [""]
+
+
 def plots(out: str, tasks: dict[str, dict]) -> None:
   import matplotlib
 
@@ -307,6 +370,9 @@ def main(argv: list[str] | None = None) -> str:
       lines += test_table(task, info) + [""]
     lines += ["Selection grid (mean selection score, number of seeds):", ""]
     lines += grid_table(info) + [""]
+  defaults = derive_defaults(tasks)
+  if defaults:
+    lines += defaults_section(defaults)
   text = "\n".join(lines)
   files.write_text(os.path.join(args.out, "summary.md"), text)
   if not args.no_plots:

@@ -16,11 +16,8 @@ import argparse
 import os
 import sys
 
-from childtune_jax.app import cli
+from childtune_jax.app import cli, presets
 
-# The authors' per-task p (AliceMind issues); SST-2 has none stated: the default 0.3.
-P_F = {"cola": 0.2, "rte": 0.3, "mrpc": 0.4, "sst2": 0.3, "stsb": 0.2}
-P_D = {"cola": 0.2, "rte": 0.3, "mrpc": 0.1, "sst2": 0.3, "stsb": 0.2}
 MAX_LEN = {"sst2": 64, "cola": 64, "mrpc": 128, "rte": 128, "stsb": 128}
 FOLDERS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "rte": "RTE"}
 SEEDS = [42, 52, 57, 63, 78]
@@ -44,8 +41,8 @@ def _samples(text: str) -> int | None:
 
 def run_cell(task: str, mode: str, seeds: list[int], args: argparse.Namespace) -> int:
   out = os.path.join(args.out, task, mode)
-  p = P_F[task] if mode == "F" else P_D[task]
-  argv = ["train", "--task", task, *MODES[mode], "--reserve-p", str(p),
+  p = presets.reserve_p(task, "F" if mode == "F" else "D")  # the authors' (vanilla: D's)
+  argv = ["train", "--task", task, *MODES[mode], "--preset", "reference", "--reserve-p", str(p),
           "--data-dir", args.glue,
           "--max-seq-length", str(MAX_LEN[task]), "--seeds", *map(str, seeds),
           "--no-save-model", "--save-every", "50", "--output-dir", out, "--resume",

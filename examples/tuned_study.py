@@ -45,13 +45,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from childtune_jax.app import cli, files
+from childtune_jax.app import cli, files, presets
 
-# The authors' per-task p (AliceMind issues); SST-2 has none stated: the default 0.3.
-# SNLI: none stated for this setting: the default 0.3.
-# glue4 (the four tasks together): one network for all, the default 0.3.
-P_F = {"cola": 0.2, "rte": 0.3, "mrpc": 0.4, "sst2": 0.3, "snli": 0.3, "glue4": 0.3}
-P_D = {"cola": 0.2, "rte": 0.3, "mrpc": 0.1, "sst2": 0.3, "snli": 0.3, "glue4": 0.3}
+# p: the authors' per-task value (`presets.AUTHORS_P`); SNLI (none stated for this setting)
+# and glue4 (one network for the four tasks) take the default 0.3.
 METHODS = {  # method: its childtune arguments; {p_F} and {p_D} are the task's p
     "vanilla": "--mode vanilla",
     "F": "--mode F --reserve-p {p_F}",
@@ -87,7 +84,8 @@ def data_args(task: str, args: argparse.Namespace) -> list[str]:
 
 
 def method_args(method: str, task: str) -> list[str]:
-  return METHODS[method].format(p_F=P_F[task], p_D=P_D[task]).split()
+  return METHODS[method].format(p_F=presets.reserve_p(task, "F"),
+                                p_D=presets.reserve_p(task, "D")).split()
 
 
 def point_name(lr: float, epochs: int) -> str:

@@ -358,8 +358,8 @@ def test_cli_dynamic_resumes_bitwise_with_its_network_history(score, tmp_path, m
   from childtune_jax.app import cli, data
 
   here = os.path.dirname(__file__)
-  args = ["train", "--task", "mrpc", "--mode", "dynamic", "--every", "2", "--full-stage", "1",
-          "--score", score,
+  args = ["train", "--task", "mrpc", "--mode", "dynamic", "--reserve-p", "0.3", "--every", "2",
+          "--full-stage", "1", "--score", score,
           "--model", os.path.join(here, "fixtures", "tiny-bert"),
           "--data-dir", os.path.join(here, "fixtures", "glue"), "--epochs", "2",
           "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",

