@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from childtune_jax import parallel
 from childtune_jax.app import data, files, train
 from childtune_jax.app.checkpoints import Checkpoints, load_keep
 from childtune_jax.masks import COMBINE, is_encoder_layer, shared_fisher_mask
@@ -144,10 +143,8 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
   total = steps_per_epoch * cfg.epochs
   plan = train.Plan(steps_per_epoch, total, math.ceil(total / cfg.grad_accum))
   mode = {"shared-D": "D"}.get(cfg.mode, cfg.mode)
-  tx = train.make_optimizer(dataclasses.replace(r, cfg=dataclasses.replace(cfg, mode=mode)),
-                            plan, keep, params)
-  shardings = parallel.shardings_by_shape(r.mesh, jax.eval_shape(tx.init, params))
-  opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
+  tx, opt_state = train.init_optimizer(
+      dataclasses.replace(r, cfg=dataclasses.replace(cfg, mode=mode)), plan, keep, params)
   train_step = train.make_train_step(r, loss_fn, tx, params, opt_state)
   evaluates = [train.make_evaluate(dataclasses.replace(r, task=t), logits_of(i), s)
                for i, (t, s) in enumerate(zip(tasks, splits))]

@@ -440,6 +440,25 @@ def make_optimizer(r: Run, plan: Plan, keep: Any, params: Any
   return tx
 
 
+def init_optimizer(r: Run, plan: Plan, keep: Any, params: Any
+                   ) -> tuple[optax.GradientTransformation, Any]:
+  """The run's optimizer and its state, made in place with the state's shardings.
+
+  D's network enters the jitted ``init`` as an argument: closed over, it would be compiled
+  in as a constant, and XLA would constant-fold its bit-packing (seconds a leaf, with a
+  warning on the console).
+  """
+  tx = make_optimizer(r, plan, keep, params)
+
+  def init(params: Any, keep: Any) -> Any:
+    if keep is None:
+      return tx.init(params)
+    return make_optimizer(r, plan, keep, params).init(params)  # the same, with ``keep`` traced
+
+  shardings = parallel.shardings_by_shape(r.mesh, jax.eval_shape(tx.init, params))
+  return tx, jax.jit(init, out_shardings=shardings)(params, keep)
+
+
 def make_train_step(r: Run, loss_fn: Callable, tx: optax.GradientTransformation, params: Any,
                     opt_state: Any) -> Callable:
   """``train_step(params, opt_state, batch, step) -> (params, opt_state, loss)``, jitted.
@@ -669,9 +688,7 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
   loss_fn = make_loss(r.task, model.apply)
   keep = child_network(r, loss_fn, model.params, splits, resume=resume, keep_like_d=keep_like_d)
   plan = Plan.of(cfg, len(splits.train))
-  tx = make_optimizer(r, plan, keep, model.params)
-  state_shardings = parallel.shardings_by_shape(r.mesh, jax.eval_shape(tx.init, model.params))
-  opt_state = jax.jit(tx.init, out_shardings=state_shardings)(model.params)  # made in place
+  tx, opt_state = init_optimizer(r, plan, keep, model.params)
   train_step = make_train_step(r, loss_fn, tx, model.params, opt_state)
   evaluate = make_evaluate(r, model.apply, splits)
   ckpt = Checkpoints(os.path.join(out_dir, files.CHECKPOINT_DIR))
