@@ -47,7 +47,7 @@ class Preset:
   def lr(self, mode: str) -> float:
     return self._of(self.learning_rate, mode)
 
-  def epochs(self, mode: str, steps_per_epoch: int) -> int:
+  def epochs(self, mode: str, steps_per_epoch: float) -> int:
     """The default epochs for a run of ``steps_per_epoch`` optimizer steps an epoch."""
     need = math.ceil(self._of(self.min_steps, mode) / max(steps_per_epoch, 1))
     return min(max(need, MIN_EPOCHS), MAX_EPOCHS)
