@@ -306,7 +306,8 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("Jaccard with the previous network")
     ax.set_title(task)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a task whose dynamic runs have not started: blank
+      ax.legend(fontsize=7)
   if drawn:
     fig.suptitle("Does the dynamic child network settle?")
     fig.tight_layout()
