@@ -59,13 +59,16 @@ def _describe(preset: presets.Preset) -> str:
   by_lr: dict[float, list[str]] = {}
   for mode, lr in preset.learning_rate.items():
     by_lr.setdefault(lr, []).append(mode)
-  lrs = ", ".join(f"{'/'.join(modes)} {lr:.0e}".replace("e-0", "e-")
-                  for lr, modes in by_lr.items())
+  def short(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")  # 1e-4
+
+  lrs = (short(next(iter(by_lr))) if len(by_lr) == 1 else  # the same for every mode
+         ", ".join(f"{'/'.join(modes)} {short(lr)}" for lr, modes in by_lr.items()))
   steps = set(preset.min_steps.values())
   length = (f"{presets.MIN_EPOCHS} epochs" if steps == {0} else
             f"{presets.MIN_EPOCHS}-{presets.MAX_EPOCHS} epochs, the fewest that make "
             f"{'/'.join(map(str, sorted(steps)))} steps")
-  return f"lr {lrs}; {length}" if len(by_lr) > 1 else f"lr {lrs.split()[-1]}; {length}"
+  return f"lr {lrs}; {length}"
 
 
 def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> None:
@@ -236,15 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_checked(args: argparse.Namespace, task: data.Task):
-  """:func:`_load_data`, and the checks its splits allow before any seed runs."""
+  """:func:`_load_data`, the checks its splits allow before any seed runs, and how many
+  examples every seed trains on."""
   train_set, evals = _load_data(args, task)
-  if args.selection_samples:  # its size does not depend on the seed: check it once, early
-    data.split_selection(train_set, args.max_train_samples, args.selection_samples, 0)
+  # the sizes of a seed's splits do not depend on the seed: drawn (and checked) once, early
+  train, _ = data.training_split(train_set, args.max_train_samples, args.selection_samples, 0)
   for split in evals.values():
     if task.is_regression and len(split) < 2:
       raise UsageError(f"{split.source}: {task.name} needs at least 2 evaluation examples for "
                        f"its correlations, got {len(split)}")
-  return train_set, evals
+  return train_set, evals, len(train)
 
 
 def _eval_tasks(specs: list[str] | None, task: data.Task) -> list[tuple[data.Task, str]]:
@@ -640,13 +644,6 @@ def _preset_epochs(args: argparse.Namespace, batches_per_epoch: int, filled: lis
     logger.info("--preset %s: %s", args.preset, ", ".join(filled))
 
 
-def _train_size(args: argparse.Namespace, train_set: data.Examples) -> int:
-  """How many examples every seed trains on (the subset, or the file less the selection)."""
-  if args.max_train_samples is not None:
-    return min(args.max_train_samples, len(train_set))
-  return len(train_set) - (args.selection_samples or 0)
-
-
 def train_command(args: argparse.Namespace) -> dict:
   from childtune_jax.app import train
 
@@ -669,8 +666,8 @@ def train_command(args: argparse.Namespace) -> dict:
     raise UsageError("--freeze-non-child is for modes F and D")
   filled = _preset_defaults(args, task.name)
   cache = _check_run_options(args)
-  train_set, evals = _load_checked(args, task)
-  _preset_epochs(args, math.ceil(_train_size(args, train_set) / args.batch_size), filled)
+  train_set, evals, n_train = _load_checked(args, task)
+  _preset_epochs(args, math.ceil(n_train / args.batch_size), filled)
   _check_model(args.model, args.max_seq_length, args.backend)
   for option, path in (("--random-like", args.random_like), ("--child-mask", args.child_mask)):
     if path:
@@ -749,9 +746,10 @@ def multitask_command(args: argparse.Namespace) -> dict:
     raise UsageError(f"--tasks takes two or more different tasks, got {' '.join(args.tasks)}")
   filled = _preset_defaults(args, None)
   cache = _check_run_options(args)
-  datasets = {task.name: _load_checked(args, task) for task in tasks}
-  _preset_epochs(args, sum(math.ceil(_train_size(args, train) / args.batch_size)
-                           for train, _ in datasets.values()), filled)
+  loaded = {task.name: _load_checked(args, task) for task in tasks}
+  datasets = {name: (train, evals) for name, (train, evals, _) in loaded.items()}
+  _preset_epochs(args, sum(math.ceil(n / args.batch_size) for _, _, n in loaded.values()),
+                 filled)
   _check_model(args.model, args.max_seq_length, args.backend)
   joined = data.Task(",".join(args.tasks), (), "", None,
                      tuple(dict.fromkeys(m for t in tasks for m in t.metrics)), "")

@@ -404,6 +404,15 @@ def split_selection(examples: Examples, n_train: int | None, n_selection: int, s
   return examples.subset(train), examples.subset(chosen)
 
 
+def training_split(examples: Examples, n_train: int | None, n_selection: int | None, seed: int
+                   ) -> tuple[Examples, Examples | None]:
+  """The seed's training subset, and its selection split where ``n_selection`` asks for one
+  (:func:`split_selection`; else :func:`subsample` and ``None``)."""
+  if n_selection:
+    return split_selection(examples, n_train, n_selection, seed)
+  return subsample(examples, n_train, seed), None
+
+
 @dataclasses.dataclass
 class Encoded:
   """Token ids of one split, unpadded; batched on demand with dynamic padding."""

@@ -272,11 +272,10 @@ def make_splits(cfg: TrainConfig, tokenizer: Any, train_set: data.Examples,
                 evals: dict[str, data.Examples]) -> tuple[Splits, dict[str, str]]:
   """The seed's encoded splits (its training subset, its selection split) and their digests."""
   evals = dict(evals) if cfg.eval_dev else {}
-  if cfg.selection_samples:
-    train_set, evals[SELECTION] = data.split_selection(
-        train_set, cfg.max_train_samples, cfg.selection_samples, cfg.seed)
-  else:
-    train_set = data.subsample(train_set, cfg.max_train_samples, cfg.seed)
+  train_set, selection = data.training_split(train_set, cfg.max_train_samples,
+                                             cfg.selection_samples, cfg.seed)
+  if selection is not None:
+    evals[SELECTION] = selection
   splits = Splits(train=data.encode(tokenizer, train_set, cfg.max_seq_length),
                   evals={k: data.encode(tokenizer, v, cfg.max_seq_length)
                          for k, v in evals.items()},
