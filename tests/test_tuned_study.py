@@ -251,3 +251,37 @@ def test_the_cli_tuned_preset_is_the_rule_on_the_committed_study():
   for method, d in got.items():
     assert presets.TUNED.learning_rate[method] == d["learning_rate"], method
     assert presets.TUNED.min_steps[method] == d["min_steps"], method
+
+
+def _write(path, obj):
+  os.makedirs(path.parent, exist_ok=True)
+  files.write_json(str(path), obj)
+
+
+def test_report_gives_mrpc_accuracy_beside_the_chosen_f1(tmp_path):
+  analyze = _load("analyze_tuned")
+  root = tmp_path / "mrpc"
+  rng = np.random.default_rng(0)
+  seeds = (101, 102, 103, 104)
+  scores = {m: {s: {"f1": float(rng.uniform(0.7, 0.9)), "accuracy": float(rng.uniform(0.6, 0.8))}
+                for s in seeds} for m in ("vanilla", "D")}
+  choices = {}
+  for method in ("vanilla", "D"):
+    grid = [{"learning_rate": 1e-4, "epochs": 3, "mean": 0.8, "scores": [0.8, 0.8]}]
+    choices[method] = {"learning_rate": 1e-4, "epochs": 3, "grid": grid}
+    for s in (1, 2):
+      _write(root / "select" / method / "lr0.0001-ep3" / f"seed-{s}" / "results.json",
+             {"selection_score": 0.8})
+    for s in seeds:
+      _write(root / "test" / method / f"seed-{s}" / "results.json",
+             {"metrics": {"dev": scores[method][s]}})
+  _write(root / "choice.json", choices)
+  text = analyze.main(["--out", str(tmp_path), "--no-plots"])
+  rows = [line for line in text.splitlines() if line.startswith("| D | 0.0001, 3 |")]
+  assert len(rows) == 2  # the test tables: the chosen metric (F1), then accuracy
+  for row, metric in zip(rows, ("f1", "accuracy")):
+    v = 100 * np.array([scores["vanilla"][s][metric] for s in seeds])
+    d = 100 * np.array([scores["D"][s][metric] for s in seeds])
+    assert f"| {d.mean():.2f} ± {d.std(ddof=1):.2f} | 4 | {(d - v).mean():+.2f} [" in row
+    assert row.endswith(f"| {(d > v).sum()} / {(d < v).sum()} |")
+  assert "in accuracy (not the selection metric)" in text
