@@ -261,9 +261,12 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  n = len(tasks)
+  gridded = {t: info for t, info in tasks.items() if info["grid"]}  # a task not yet run: none
+  n = len(gridded)
+  if not n:
+    return
   fig, axes = plt.subplots(1, n, figsize=(max(5.5, 4.5 * n), 3.8), squeeze=False)
-  for ax, (task, info) in zip(axes[0], tasks.items()):
+  for ax, (task, info) in zip(axes[0], gridded.items()):
     for method, g in info["grid"].items():
       pts = sorted(p for p in g if p[1] == 3)
       ax.plot([p[0] for p in pts], [100 * np.mean(g[p]) for p in pts], "o-", label=method)
@@ -280,8 +283,9 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
   files.save_figure(fig, os.path.join(out, "sensitivity.png"), dpi=110)
   plt.close(fig)
 
-  fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
-  for ax, (task, info) in zip(axes[0], tasks.items()):
+  chosen = {t: info for t, info in tasks.items() if info["choices"]}
+  fig, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 3.6), squeeze=False)
+  for ax, (task, info) in zip(axes[0], chosen.items()):
     for method, choice in info["choices"].items():
       runs = info["curves"].get(method, {}).get((choice["learning_rate"], choice["epochs"]), {})
       if runs:
@@ -300,7 +304,7 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
 
   fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
   drawn = False
-  for ax, (task, info) in zip(axes[0], tasks.items()):
+  for ax, (task, info) in zip(axes[0], gridded.items()):
     for point, runs in sorted(info["curves"].get("dynamic", {}).items()):
       seed = min(runs)
       sel = runs[seed].get("child_network", {}).get("selections", [])[1:]  # the first: vs all
