@@ -33,6 +33,7 @@ METRIC = {"sst2": "accuracy", "cola": "matthews", "mrpc": "f1", "rte": "accuracy
 # answering "paraphrase" more often, so its accuracy says whether a gain is a real one.
 ALSO = {"mrpc": "accuracy"}
 TASKS = tuple(METRIC)
+MRPC_DEV = (408, 279)  # MRPC's dev set: pairs, paraphrases (GLUE's fixed file)
 MULTI, MULTI_TASKS = "glue4", ("sst2", "cola", "mrpc", "rte")
 IN_DOMAIN, TRANSFER = "heldout", "sick/test"  # the NLI arm's two test splits
 POINT = re.compile(r"lr(?P<lr>[0-9.e+-]+)-ep(?P<epochs>\d+)$")
@@ -88,6 +89,17 @@ def paired_columns(scores: dict[int, float], base: dict[int, float]) -> tuple[st
     lo, hi = paired_bootstrap(d)
     text += f" [{lo:+.2f}, {hi:+.2f}]"
   return text, f"{int((d > 0).sum())} / {int((d < 0).sum())}"
+
+
+def predicted_positives(f1: float, accuracy: float, n: int, positives: int) -> float:
+  """How many examples a binary classifier called positive, from its F1 and accuracy.
+
+  With ``tp`` true and ``fp`` false positives: ``accuracy * n = tp + (n - positives - fp)``
+  and ``f1 = 2 tp / (tp + fp + positives)``; solved for ``tp + fp`` (F1 < 1).
+  """
+  negatives = n - positives
+  tp = f1 * (negatives - accuracy * n + positives) / (2 - 2 * f1)
+  return 2 * tp + negatives - accuracy * n
 
 
 def mean_std(scores: dict[int, float]) -> str:
@@ -381,6 +393,15 @@ def main(argv: list[str] | None = None) -> str:
       if task in ALSO:
         lines += [f"The same test runs in {ALSO[task]} (not the selection metric):", ""]
         lines += test_table(task, info, label=f"test {ALSO[task]}", metric=ALSO[task]) + [""]
+      if task == "mrpc":
+        lines += ["Dev pairs answered \"paraphrase\" (of 408; 279 are), from each test "
+                  "seed's F1 and accuracy:", ""]
+        for method, runs in info["tests"].items():
+          counts = sorted(round(predicted_positives(r["metrics"]["dev"]["f1"],
+                                                    r["metrics"]["dev"]["accuracy"], *MRPC_DEV))
+                          for r in runs.values())
+          lines.append(f"- {method}: {', '.join(map(str, counts))}")
+        lines.append("")
     lines += ["Selection grid (mean selection score, number of seeds):", ""]
     lines += grid_table(info) + [""]
   defaults = derive_defaults(tasks)

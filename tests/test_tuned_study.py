@@ -285,3 +285,16 @@ def test_report_gives_mrpc_accuracy_beside_the_chosen_f1(tmp_path):
     assert f"| {d.mean():.2f} ± {d.std(ddof=1):.2f} | 4 | {(d - v).mean():+.2f} [" in row
     assert row.endswith(f"| {(d > v).sum()} / {(d < v).sum()} |")
   assert "in accuracy (not the selection metric)" in text
+
+
+def test_predicted_positives_from_f1_and_accuracy_matches_the_confusion_matrix():
+  analyze = _load("analyze_tuned")
+  rng = np.random.default_rng(1)
+  labels = rng.random(408) < 279 / 408
+  for rate in (0.3, 0.7, 0.95):
+    preds = np.where(rng.random(408) < 0.8, labels, ~labels) | (rng.random(408) < rate)
+    tp = int((preds & labels).sum())
+    f1 = 2 * tp / (preds.sum() + labels.sum())
+    acc = float((preds == labels).mean())
+    got = analyze.predicted_positives(f1, acc, 408, int(labels.sum()))
+    assert got == pytest.approx(preds.sum())
