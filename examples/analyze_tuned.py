@@ -2,7 +2,8 @@
 
 Writes ``OUT/summary.md`` (per task: each method's chosen point, its test mean ± std over
 the test seeds, the paired difference to vanilla with a 95% bootstrap interval and the count
-of seeds above and below; the selection grid), ``OUT/sensitivity.png`` (mean selection score
+of seeds above and below, MRPC also in accuracy; the selection grid; the dynamic network
+paired with fixed D; the CLI's defaults), ``OUT/sensitivity.png`` (mean selection score
 against learning rate, one line per method, per task), ``OUT/loss_curves.png`` (training
 loss of one seed at each method's chosen point) and ``OUT/dynamic_networks.png`` (the
 Jaccard between successive dynamic child networks over training) and, for the NLI arm,
@@ -128,6 +129,29 @@ def test_table(task: str, info: dict, split: str = "dev", label: str = "test",
     lines.append(f"| {method} | {where} | {100 * sel:.2f} | {test} | "
                  f"{len(scores)} | {diff} | {counts} |")
   return lines
+
+
+def dynamic_against_d(tasks: dict[str, dict]) -> list[str]:
+  """The dynamic network's test runs paired with fixed D's (and vanilla's), per task."""
+  lines = ["| task | metric | dynamic − D [95% CI] | above / below | dynamic − vanilla "
+           "[95% CI] | above / below |", "|---|---|---:|---:|---:|---:|"]
+  rows = 0
+  for task, info in tasks.items():
+    tests = info["tests"]
+    if task == MULTI or "dynamic" not in tests or "D" not in tests:
+      continue
+    splits = (IN_DOMAIN, TRANSFER) if task == "snli" else ("dev",)
+    metrics = (METRIC[task], *([ALSO[task]] if task in ALSO else []))
+    for split in splits:
+      for metric in metrics:
+        dyn = _test_scores(tests["dynamic"], split, metric)
+        cells = [*paired_columns(dyn, _test_scores(tests["D"], split, metric)),
+                 *paired_columns(dyn, _test_scores(tests.get("vanilla", {}), split, metric))]
+        name = metric if split == "dev" else f"{split} {metric}"
+        lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+        rows += 1
+  return ["## The dynamic network against fixed D (test seeds, paired)", "", *lines, ""] \
+      if rows else []
 
 
 def multitask_tables(tasks: dict[str, dict]) -> list[str]:
@@ -404,6 +428,7 @@ def main(argv: list[str] | None = None) -> str:
         lines.append("")
     lines += ["Selection grid (mean selection score, number of seeds):", ""]
     lines += grid_table(info) + [""]
+  lines += dynamic_against_d(tasks)
   defaults = derive_defaults(tasks)
   if defaults:
     lines += defaults_section(defaults)

@@ -298,3 +298,28 @@ def test_predicted_positives_from_f1_and_accuracy_matches_the_confusion_matrix()
     acc = float((preds == labels).mean())
     got = analyze.predicted_positives(f1, acc, 408, int(labels.sum()))
     assert got == pytest.approx(preds.sum())
+
+
+def test_dynamic_is_paired_with_fixed_d_and_vanilla_per_task_and_metric():
+  analyze = _load("analyze_tuned")
+  rng = np.random.default_rng(2)
+  seeds = (101, 102, 103)
+
+  def runs(keys):
+    return {s: {"metrics": {"dev": {k: float(rng.random()) for k in keys}}} for s in seeds}
+
+  tasks = {"mrpc": {"tests": {m: runs(("f1", "accuracy")) for m in ("vanilla", "D", "dynamic")}},
+           "cola": {"tests": {m: runs(("matthews",)) for m in ("vanilla", "D")}}}  # no dynamic
+  lines = analyze.dynamic_against_d(tasks)
+  rows = [line for line in lines if line.startswith("| mrpc |")]
+  assert len(rows) == 2 and not any(line.startswith("| cola |") for line in lines)
+  for row, metric in zip(rows, ("f1", "accuracy")):
+    t = tasks["mrpc"]["tests"]
+    dyn, d, v = (100 * np.array([t[m][s]["metrics"]["dev"][metric] for s in seeds])
+                 for m in ("dynamic", "D", "vanilla"))
+    cells = [c.strip() for c in row.split("|")[3:-1]]
+    assert cells[0].startswith(f"{(dyn - d).mean():+.2f} [")
+    assert cells[1] == f"{(dyn > d).sum()} / {(dyn < d).sum()}"
+    assert cells[2].startswith(f"{(dyn - v).mean():+.2f} [")
+    assert cells[3] == f"{(dyn > v).sum()} / {(dyn < v).sum()}"
+  assert analyze.dynamic_against_d({"cola": tasks["cola"]}) == []
