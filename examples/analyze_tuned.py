@@ -133,9 +133,7 @@ def test_table(task: str, info: dict, split: str = "dev", label: str = "test",
 
 def dynamic_against_d(tasks: dict[str, dict]) -> list[str]:
   """The dynamic network's test runs paired with fixed D's (and vanilla's), per task."""
-  lines = ["| task | metric | dynamic − D [95% CI] | above / below | dynamic − vanilla "
-           "[95% CI] | above / below |", "|---|---|---:|---:|---:|---:|"]
-  rows = 0
+  rows = []
   for task, info in tasks.items():
     tests = info["tests"]
     if task == MULTI or "dynamic" not in tests or "D" not in tests:
@@ -148,10 +146,12 @@ def dynamic_against_d(tasks: dict[str, dict]) -> list[str]:
         cells = [*paired_columns(dyn, _test_scores(tests["D"], split, metric)),
                  *paired_columns(dyn, _test_scores(tests.get("vanilla", {}), split, metric))]
         name = metric if split == "dev" else f"{split} {metric}"
-        lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
-        rows += 1
-  return ["## The dynamic network against fixed D (test seeds, paired)", "", *lines, ""] \
-      if rows else []
+        rows.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+  if not rows:
+    return []
+  return ["## The dynamic network against fixed D (test seeds, paired)", "",
+          "| task | metric | dynamic − D [95% CI] | above / below | dynamic − vanilla "
+          "[95% CI] | above / below |", "|---|---|---:|---:|---:|---:|", *rows, ""]
 
 
 def multitask_tables(tasks: dict[str, dict]) -> list[str]:
@@ -418,8 +418,8 @@ def main(argv: list[str] | None = None) -> str:
         lines += [f"The same test runs in {ALSO[task]} (not the selection metric):", ""]
         lines += test_table(task, info, label=f"test {ALSO[task]}", metric=ALSO[task]) + [""]
       if task == "mrpc":
-        lines += ["Dev pairs answered \"paraphrase\" (of 408; 279 are), from each test "
-                  "seed's F1 and accuracy:", ""]
+        lines += [f"Dev pairs answered \"paraphrase\" (of {MRPC_DEV[0]}; {MRPC_DEV[1]} "
+                  "are), from each test seed's F1 and accuracy:", ""]
         for method, runs in info["tests"].items():
           counts = sorted(round(predicted_positives(r["metrics"]["dev"]["f1"],
                                                     r["metrics"]["dev"]["accuracy"], *MRPC_DEV))
