@@ -17,7 +17,7 @@ Cases:
 
   python benchmarks/accelerator.py --out DIR [--budget-s 420] [--smoke]
 
-``--smoke`` uses tiny sizes (under 2 minutes on 2 CPU cores); the suite runs it.
+``--smoke`` uses tiny sizes and few leaves (under a minute on 2 CPU cores); the suite runs it.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class Bench:
     return compile_s, 1000 * float(np.median(times))
 
 
-def update_cases(bench: Bench, scale: float) -> None:
-  params = bert_base_like(scale)
+def update_cases(bench: Bench, scale: float, max_leaves: int | None = None) -> None:
+  params = bert_base_like(scale, max_leaves)
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
   grads = jax.tree_util.tree_map(lambda x: x * 0.5, params)
   keep = jax.tree_util.tree_map(
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.smoke:
     bench = Bench(args.out, args.budget_s, reps=2)
-    update_cases(bench, scale=0.01)
+    update_cases(bench, scale=0.01, max_leaves=2)
     train_step_cases(bench, ["tiny"], batch=4, seq=16)
     fisher_cases(bench, "tiny", batch=4, seq=16, microbatch=2)
   else:

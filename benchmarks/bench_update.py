@@ -35,12 +35,16 @@ BERT_BASE = {  # name: shape, the leaves of BERT-base (110M scalars) grouped by 
 }
 
 
-def bert_base_like(scale: float = 1.0) -> dict:
+def bert_base_like(scale: float = 1.0, max_leaves: int | None = None) -> dict:
+  """BERT-base's leaves, each matrix's rows scaled by ``scale``; at most ``max_leaves`` a shape.
+
+  Compilation time grows with the number of leaves: ``max_leaves`` keeps smoke runs short.
+  """
   params = {}
   for name, (shape, count) in BERT_BASE.items():
     shape = tuple(max(1, int(d * scale)) if len(shape) > 1 and i == 0 else d
                   for i, d in enumerate(shape))
-    for i in range(count):
+    for i in range(min(count, max_leaves or count)):
       params[f"{name}_{i}"] = jnp.full(shape, 0.01, jnp.float32)
   return params
 
