@@ -148,10 +148,11 @@ class Study:
       argv += ["--model", self.args.model]
     if self.args.compilation_cache:
       argv += ["--compilation-cache", self.args.compilation_cache]
-    mask = os.path.join(self.root, "masks", f"{method}-seed-{seed}.npz")
+    masks = os.path.join(self.root, "masks", f"{method}-seed-{{seed}}.npz")  # a file per seed
+    mask = files.for_seed(masks, seed)
     fisher = "--mode D" in METHODS[method]
-    if fisher and os.path.exists(mask):
-      argv += ["--child-mask", mask]
+    if fisher and os.path.exists(mask):  # the same argument for every seed: one experiment
+      argv += ["--child-mask", masks]
     print("+ childtune " + " ".join(argv), flush=True)
     status = cli.main(argv)
     if status == 1:  # the run failed (diverged): a result of this grid point, recorded

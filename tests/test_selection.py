@@ -1,5 +1,6 @@
 """The selection split: hyperparameters are chosen on data that neither trains nor tests."""
 
+import hashlib
 import json
 import os
 
@@ -106,3 +107,28 @@ def test_cli_selection_options_are_checked(tmp_path, capsys):
   assert "--child-mask goes with --mode D" in err and "does not exist" in err
   assert "selection split of 8" in err
   assert not os.path.exists(tmp_path / "x" / "seed-42")
+
+
+def test_child_mask_per_seed_trains_each_seeds_network_as_one_experiment(tmp_path, capsys):
+  d = _run(tmp_path, "d", "D", "--selection-only", "--seeds", "1", "2")
+  masks = str(tmp_path / "d" / "seed-{seed}" / "child_mask.npz")
+  again = _run(tmp_path, "again", "D", "--selection-only", "--seeds", "1", "2",
+               "--child-mask", masks)
+  for seed in (1, 2):
+    given = masks.replace("{seed}", str(seed))
+    with open(given, "rb") as f:
+      assert again[seed]["child_mask_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    with np.load(given) as a, np.load(tmp_path / "again" / f"seed-{seed}" / "child_mask.npz") as b:
+      assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    # the seed's own network, as its Fisher pass made it: the same training, bit for bit
+    assert again[seed]["train_losses"] == d[seed]["train_losses"]
+  assert d[1]["train_losses"] != d[2]["train_losses"]
+  with open(tmp_path / "again" / "summary.json") as f:
+    assert json.load(f)["seeds"] == [1, 2]  # one experiment: the argument is the same
+  # a seed without its file is refused before any seed trains
+  capsys.readouterr()
+  assert cli.main(["train", "--task", "sst2", "--mode", "D", "--model", TINY, "--data-dir", GLUE,
+                   "--seeds", "1", "3", "--child-mask", masks,
+                   "--output-dir", str(tmp_path / "missing")]) == 2
+  assert f"mask file {masks.replace('{seed}', '3')} does not exist" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "missing")

@@ -79,6 +79,8 @@ def test_tuned_study_selects_on_the_selection_split_and_tests_once(tmp_path, mon
     other = _read(os.path.join(root, "select", "D", "lr0.003-ep1", f"seed-{seed}",
                                "results.json"))
     assert other["child_mask_sha256"] == files.sha256(mask)
+  # ... given as one path for every seed, so that the grid point's summary holds both seeds
+  assert _read(os.path.join(root, "select", "D", "lr0.003-ep1", "summary.json"))["seeds"] == [1, 2]
   # every method of a seed saw the same training and selection data
   v = _read(os.path.join(root, "select", "vanilla", "lr0.0001-ep1", "seed-1", "results.json"))
   d = _read(os.path.join(root, "select", "D", "lr0.0001-ep1", "seed-1", "results.json"))

@@ -165,7 +165,9 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
   if not multitask:
     p.add_argument("--child-mask", metavar="MASK",
                    help="mode D: train this saved child network (an earlier run's "
-                        "child_mask.npz of the same seed) instead of running the Fisher pass")
+                        "child_mask.npz of the same seed) instead of running the Fisher pass; "
+                        "{seed} in MASK stands for each seed's number (a file per seed: "
+                        "--seeds 1 2 --child-mask masks/D-seed-{seed}.npz)")
     dyn = p.add_argument_group("mode dynamic")
     dyn.add_argument("--every", type=_positive_int,
                      help="steps between re-selections of the network (default: 5%% of the "
@@ -180,7 +182,8 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
     dyn.add_argument("--score-decay", type=_fraction,
                      help="--score ema: the average's decay (default 0.99)")
     p.add_argument("--random-like", metavar="MASK",
-                   help="mode random: keep as many scalars as this D mask file")
+                   help="mode random: keep as many scalars as this D mask file ({seed}: "
+                        "each seed's, as for --child-mask)")
   dev = p.add_argument_group("devices and precision")
   dev.add_argument("--mesh", metavar="data=N,fsdp=M",
                    help="how the devices split the work: the batch over all of them, the "
@@ -650,12 +653,14 @@ def train_command(args: argparse.Namespace) -> dict:
   task = data.TASKS[args.task]
   if args.random_like and args.mode != "random":
     raise UsageError("--random-like goes with --mode random")
-  if args.random_like and not os.path.isfile(args.random_like):
-    raise UsageError(f"mask file {args.random_like} does not exist")
   if args.child_mask and args.mode != "D":
     raise UsageError("--child-mask goes with --mode D")
-  if args.child_mask and not os.path.isfile(args.child_mask):
-    raise UsageError(f"mask file {args.child_mask} does not exist")
+  masks = {option: sorted({files.for_seed(path, seed) for seed in args.seeds}) if path else []
+           for option, path in (("--random-like", args.random_like),
+                                ("--child-mask", args.child_mask))}
+  for path in masks["--random-like"] + masks["--child-mask"]:
+    if not os.path.isfile(path):
+      raise UsageError(f"mask file {path} does not exist")
   if args.mode != "dynamic" and (args.every or args.full_stage is not None
                                  or args.score != "ema" or args.score_decay is not None):
     raise UsageError("--every, --full-stage, --score and --score-decay go with --mode dynamic")
@@ -669,13 +674,14 @@ def train_command(args: argparse.Namespace) -> dict:
   train_set, evals, n_train = _load_checked(args, task)
   _preset_epochs(args, math.ceil(n_train / args.batch_size), filled)
   _check_model(args.model, args.max_seq_length, args.backend)
-  for option, path in (("--random-like", args.random_like), ("--child-mask", args.child_mask)):
-    if path:
+  for option, paths in masks.items():
+    for path in paths:
       _check_mask_file(option, path, args.model, task, args.backend)
+  like = args.random_like
   summary = _run_seeds(args, cache, task, lambda seed: _train_config(args, task, seed),
-                       lambda cfg, seed_dir: train.run(cfg, train_set, evals, seed_dir,
-                                                       resume=args.resume,
-                                                       keep_like_d=args.random_like))
+                       lambda cfg, seed_dir: train.run(
+                           cfg, train_set, evals, seed_dir, resume=args.resume,
+                           keep_like_d=files.for_seed(like, cfg.seed)))
   return summary
 
 

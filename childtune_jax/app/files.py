@@ -22,6 +22,12 @@ RESULTS_FILE = "results.json"  # a finished seed's results (its presence: the se
 MASK_FILE = "child_mask.npz"  # the child network a D (or random) run trained
 MODEL_DIR = "model"  # the fine-tuned model, in Hugging Face's layout
 SEED_FILES = (RESULTS_FILE, RUN_FILE, CHECKPOINT_DIR, MASK_FILE, MODEL_DIR, HISTORY_FILE)
+SEED_FIELD = "{seed}"  # in a mask path given to train: each seed's own number
+
+
+def for_seed(path: str | None, seed: int) -> str | None:
+  """``path`` with every ``{seed}`` replaced by ``seed``: a file per seed (``None``: ``None``)."""
+  return None if path is None else path.replace(SEED_FIELD, str(seed))
 
 
 @contextlib.contextmanager

@@ -79,10 +79,10 @@ class TrainConfig:
   save_model: bool = True
   init_seed: int | None = None  # the new head's initialisation; None: ``seed``
   eval_batch_size: int = 64
-  random_like: str | None = None  # mode random: the D mask whose size to match
+  random_like: str | None = None  # mode random: the D mask whose size to match ("{seed}": per seed)
   selection_samples: int | None = None  # a selection split carved from the training file
   eval_dev: bool = True  # False: score the selection split only (tuning runs)
-  child_mask: str | None = None  # mode D: this saved mask instead of a Fisher pass
+  child_mask: str | None = None  # mode D: this saved mask, not a Fisher pass ("{seed}": per seed)
   every: int | None = None  # dynamic: steps between re-selections; None: 5% of the steps
   full_stage: int | None = None  # dynamic: full-update steps first; None: ``every``
   dynamic_score: str = "ema"  # dynamic: "ema" of squared gradients, or "adam" (its nu)
@@ -333,9 +333,10 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
   mask_path = os.path.join(r.out_dir, files.MASK_FILE)
   if resume and os.path.exists(mask_path):
     keep = load_keep(mask_path, params)
-  elif cfg.child_mask:
-    keep = load_keep(cfg.child_mask, params)
-    r.results["child_mask_sha256"] = files.sha256(cfg.child_mask)
+  elif cfg.child_mask:  # the path may name each seed's file (``files.for_seed``)
+    given = files.for_seed(cfg.child_mask, cfg.seed)
+    keep = load_keep(given, params)
+    r.results["child_mask_sha256"] = files.sha256(given)
   elif cfg.mode == "D":
     t = time.perf_counter()
     keep = fisher_mask(fisher_pass(r, loss_fn, params, splits), cfg.reserve_p,
