@@ -58,7 +58,7 @@ REFERENCE = Preset(learning_rate=dict.fromkeys(_MODES, 4e-5), min_steps=dict.fro
 # Generated from results/tuned by `python examples/analyze_tuned.py` (its "Defaults" section);
 # tests/test_tuned_study.py checks that these are its output for the committed results.
 TUNED = Preset(
-    learning_rate={"vanilla": 1e-4, "F": 2e-4, "D": 1e-4, "dynamic": 2e-4},
+    learning_rate={"vanilla": 1e-4, "F": 2e-4, "D": 1e-4, "dynamic": 1e-4},
     min_steps={"vanilla": 630, "F": 630, "D": 630, "dynamic": 630},
 )
 PRESETS = {"tuned": TUNED, "reference": REFERENCE}
