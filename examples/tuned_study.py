@@ -148,7 +148,7 @@ class Study:
       argv += ["--model", self.args.model]
     if self.args.compilation_cache:
       argv += ["--compilation-cache", self.args.compilation_cache]
-    masks = os.path.join(self.root, "masks", f"{method}-seed-{{seed}}.npz")  # a file per seed
+    masks = os.path.join(self.root, "masks", f"{method}-seed-{files.SEED_FIELD}.npz")
     mask = files.for_seed(masks, seed)
     fisher = "--mode D" in METHODS[method]
     if fisher and os.path.exists(mask):  # the same argument for every seed: one experiment

@@ -559,15 +559,11 @@ def _check_same_run(seed_dir: str, cfg: Any) -> None:
     return
 
 
-def _check_mask_file(option: str, path: str, model: str, task: data.Task,
-                     backend: str = "nnx") -> None:
-  """A mask file must hold a bool array of the right shape for every parameter."""
+def _check_mask_file(option: str, path: str, shapes: Any) -> None:
+  """A mask file must hold a bool array of the right shape for every parameter of ``shapes``."""
   import jax
 
-  from childtune_jax.app.loading import param_shapes
-
   masks = _load_mask_file(path)
-  shapes = param_shapes(model, task.num_labels, backend)
   for leaf, like in zip(_tree.leaf_paths(shapes), jax.tree_util.tree_leaves(shapes)):
     if leaf not in masks:
       raise UsageError(f"{option} {path} has no mask for parameter {leaf!r}")
@@ -674,14 +670,17 @@ def train_command(args: argparse.Namespace) -> dict:
   train_set, evals, n_train = _load_checked(args, task)
   _preset_epochs(args, math.ceil(n_train / args.batch_size), filled)
   _check_model(args.model, args.max_seq_length, args.backend)
-  for option, paths in masks.items():
-    for path in paths:
-      _check_mask_file(option, path, args.model, task, args.backend)
-  like = args.random_like
+  if masks["--random-like"] or masks["--child-mask"]:  # the model's shapes, once for every file
+    from childtune_jax.app.loading import param_shapes
+
+    shapes = param_shapes(args.model, task.num_labels, args.backend)
+    for option, paths in masks.items():
+      for path in paths:
+        _check_mask_file(option, path, shapes)
   summary = _run_seeds(args, cache, task, lambda seed: _train_config(args, task, seed),
                        lambda cfg, seed_dir: train.run(
                            cfg, train_set, evals, seed_dir, resume=args.resume,
-                           keep_like_d=files.for_seed(like, cfg.seed)))
+                           keep_like_d=files.for_seed(args.random_like, cfg.seed)))
   return summary
 
 
