@@ -2,12 +2,13 @@
 
 Writes ``OUT/summary.md`` (per task: each method's chosen point, its test mean ± std over
 the test seeds, the paired difference to vanilla with a 95% bootstrap interval and the count
-of seeds above and below, MRPC also in accuracy; the selection grid; the dynamic network
-paired with fixed D; the CLI's defaults), ``OUT/sensitivity.png`` (mean selection score
-against learning rate, one line per method, per task), ``OUT/loss_curves.png`` (training
-loss of one seed at each method's chosen point) and ``OUT/dynamic_networks.png`` (the
-Jaccard between successive dynamic child networks over training) and, for the NLI arm,
-``OUT/transfer.png`` (in-domain against SICK accuracy, per test seed and method).
+of seeds above and below, MRPC also in accuracy; the selection grid; the four GLUE tasks'
+mean per test seed, paired; the dynamic network paired with fixed D; the CLI's defaults),
+``OUT/sensitivity.png`` (mean selection score against learning rate, one line per method,
+per task), ``OUT/loss_curves.png`` (training loss of one seed at each method's chosen point)
+and ``OUT/dynamic_networks.png`` (the Jaccard between successive dynamic child networks over
+training) and, for the NLI arm, ``OUT/transfer.png`` (in-domain against SICK accuracy, per
+test seed and method).
 
   python examples/analyze_tuned.py --out results/tuned
 """
@@ -152,6 +153,40 @@ def dynamic_against_d(tasks: dict[str, dict]) -> list[str]:
   return ["## The dynamic network against fixed D (test seeds, paired)", "",
           "| task | metric | dynamic − D [95% CI] | above / below | dynamic − vanilla "
           "[95% CI] | above / below |", "|---|---|---:|---:|---:|---:|", *rows, ""]
+
+
+def glue_average(tasks: dict[str, dict]) -> list[str]:
+  """Each method's mean over the four GLUE tasks' main metrics, per test seed, paired.
+
+  A seed counts only where every task has its test run for both methods compared (the same
+  seed number draws each task's own subset; methods are paired within a task and seed).
+  Like GLUE's average, it mixes accuracy, MCC and F1 in points.
+  """
+  if any(t not in tasks for t in GLUE_TASKS):
+    return []
+
+  def averages(method: str) -> dict[int, float]:
+    per_task = [_test_scores(tasks[t]["tests"].get(method, {}), "dev", METRIC[t])
+                for t in GLUE_TASKS]
+    seeds = set.intersection(*(set(s) for s in per_task))
+    return {s: float(np.mean([scores[s] for scores in per_task])) for s in sorted(seeds)}
+
+  scores = {m: averages(m) for m in DEFAULT_METHODS}
+  if not any(scores.values()):
+    return []
+  lines = ["## The four GLUE tasks together (test seeds, paired)", "",
+           glue_average.__doc__.split("\n\n")[1].replace("\n  ", " ").strip(), "",
+           "| method | mean of the four tasks ± std | seeds | Δ vs vanilla [95% CI] | "
+           "above / below | Δ vs D [95% CI] | above / below |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  for method, s in scores.items():
+    if not s:
+      continue
+    vs_vanilla = paired_columns(s, scores["vanilla"]) if method != "vanilla" else ("", "")
+    vs_d = paired_columns(s, scores["D"]) if method == "dynamic" else ("", "")
+    lines.append(f"| {method} | {mean_std(s)} | {len(s)} | " + " | ".join((*vs_vanilla, *vs_d))
+                 + " |")
+  return lines + [""]
 
 
 def multitask_tables(tasks: dict[str, dict]) -> list[str]:
@@ -428,7 +463,7 @@ def main(argv: list[str] | None = None) -> str:
         lines.append("")
     lines += ["Selection grid (mean selection score, number of seeds):", ""]
     lines += grid_table(info) + [""]
-  lines += dynamic_against_d(tasks)
+  lines += glue_average(tasks) + dynamic_against_d(tasks)
   defaults = derive_defaults(tasks)
   if defaults:
     lines += defaults_section(defaults)

@@ -325,3 +325,36 @@ def test_dynamic_is_paired_with_fixed_d_and_vanilla_per_task_and_metric():
     assert cells[2].startswith(f"{(dyn - v).mean():+.2f} [")
     assert cells[3] == f"{(dyn > v).sum()} / {(dyn < v).sum()}"
   assert analyze.dynamic_against_d({"cola": tasks["cola"]}) == []
+
+
+def test_glue_average_pairs_the_four_tasks_mean_per_seed():
+  analyze = _load("analyze_tuned")
+  rng = np.random.default_rng(3)
+  methods = ("vanilla", "F", "D", "dynamic")
+
+  def runs(task, seeds):
+    return {s: {"metrics": {"dev": {analyze.METRIC[task]: float(rng.random())}}} for s in seeds}
+
+  full, partial = (101, 102, 103, 104), (101, 102, 103)  # rte's F is missing seed 104
+  tasks = {t: {"tests": {m: runs(t, partial if (t, m) == ("rte", "F") else full)
+                         for m in methods}} for t in analyze.GLUE_TASKS}
+  lines = analyze.glue_average(tasks)
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+          for line in lines if line.startswith("| ") and not line.startswith("| method")}
+  assert set(rows) == set(methods)
+
+  def mean(method, seeds):  # the reference: per seed, the plain mean of the four scores
+    return 100 * np.array([np.mean([tasks[t]["tests"][method][s]["metrics"]["dev"]
+                                    [analyze.METRIC[t]] for t in analyze.GLUE_TASKS])
+                           for s in seeds])
+
+  assert rows["F"][1] == "3" and rows["vanilla"][1] == "4"
+  f, v = mean("F", partial), mean("vanilla", partial)
+  assert rows["F"][0].startswith(f"{f.mean():.2f} ± {f.std(ddof=1):.2f}")
+  assert rows["F"][2].startswith(f"{(f - v).mean():+.2f} [")
+  assert rows["F"][3] == f"{(f > v).sum()} / {(f < v).sum()}"
+  dyn, d = mean("dynamic", full), mean("D", full)
+  assert rows["dynamic"][4].startswith(f"{(dyn - d).mean():+.2f} [")
+  assert rows["dynamic"][5] == f"{(dyn > d).sum()} / {(dyn < d).sum()}"
+  assert rows["D"][4] == ""
+  assert analyze.glue_average({t: tasks[t] for t in ("sst2", "cola", "mrpc")}) == []
