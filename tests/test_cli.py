@@ -1,7 +1,10 @@
 """The ``childtune`` command line end to end, on real GLUE fixtures and a tiny BERT."""
 
+import ctypes.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -27,6 +30,7 @@ def test_train_sst2_saves_a_loadable_model_and_true_accuracy(tmp_path):
   res = _results(out)
   assert res["config"]["mode"] == "F" and res["steps"] == 4  # 32 examples / 8
   assert set(res["versions"]) >= {"jax", "optax", "flax", "transformers"}
+  assert res["device"]["malloc"] == train.malloc_library()
   # Reload the saved folder and score the dev set one sentence at a time, independently of
   # the CLI's batched, padded loop.
   from transformers import AutoTokenizer
@@ -395,3 +399,20 @@ def test_dropout_and_child_tuning_f_draw_from_their_own_streams(tmp_path, monkey
   assert sorted(asked) == [(7, "child"), (7, "dropout")]
   np.testing.assert_array_equal(jax.random.key_data(f_keys[0]),
                                 jax.random.key_data(real_stream(7, "child")))
+
+
+def test_malloc_library_names_a_preloaded_allocator():
+  code = "from childtune_jax.app.train import malloc_library; print(malloc_library())"
+
+  def run(preload):
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if preload:
+      env["LD_PRELOAD"] = preload
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+  assert run(None) == "default"
+  lib = ctypes.util.find_library("tcmalloc_minimal")  # e.g. Debian's libtcmalloc-minimal4
+  if lib is None:
+    pytest.skip("tcmalloc is not installed")
+  assert run(lib).startswith("libtcmalloc_minimal.so")

@@ -284,11 +284,29 @@ def make_splits(cfg: TrainConfig, tokenizer: Any, train_set: data.Examples,
   return splits, digests
 
 
+ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def malloc_library() -> str:
+  """The ``malloc`` this process runs on: a preloaded allocator's file name (e.g.
+  ``libtcmalloc_minimal.so.4``, which makes CPU training faster: README, "Speed"), else
+  ``"default"``; ``"unknown"`` where ``/proc/self/maps`` cannot be read."""
+  try:
+    with open("/proc/self/maps") as f:
+      names = {os.path.basename(line.split()[-1]) for line in f if "/" in line}
+  except OSError:
+    return "unknown"
+  found = sorted(n for n in names if any(a in n for a in ALLOCATORS))
+  return found[0] if found else "default"
+
+
 def place(r: Run, params: Any) -> Any:
   """Parameters on the mesh, from the host: each process places its devices' shards of the
-  values every process holds. Records the devices in the results."""
+  values every process holds. Records the devices (and the host's ``malloc``, which sets the
+  CPU's speed) in the results."""
   r.results["device"] = {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
-                         "processes": jax.process_count(), "mesh": r.axes, "dtype": r.cfg.dtype}
+                         "processes": jax.process_count(), "mesh": r.axes, "dtype": r.cfg.dtype,
+                         "malloc": malloc_library()}
   return jax.device_put(jax.device_get(params), parallel.shardings_by_shape(r.mesh, params))
 
 
