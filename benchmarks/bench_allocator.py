@@ -29,31 +29,22 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CANDIDATES = {  # name: the shared library's names, as ctypes and Debian/Ubuntu install them
-    "tcmalloc": ("tcmalloc_minimal", "libtcmalloc_minimal.so.4", "tcmalloc", "libtcmalloc.so.4"),
-    "jemalloc": ("jemalloc", "libjemalloc.so.2"),
+CANDIDATES = {  # name: the library names ``ctypes.util.find_library`` looks for
+    "tcmalloc": ("tcmalloc_minimal", "tcmalloc"),
+    "jemalloc": ("jemalloc",),
 }
-LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-            "/usr/local/lib")
 
 
 def find_allocator(name: str) -> str | None:
-  """The path of an installed allocator library, or ``None``."""
-  for candidate in CANDIDATES[name]:
-    if candidate.startswith("lib"):
-      for folder in LIB_DIRS:
-        if os.path.exists(os.path.join(folder, candidate)):
-          return os.path.join(folder, candidate)
-    elif (found := ctypes.util.find_library(candidate)):
-      return found
-  return None
+  """The installed allocator library's name (loadable by ``LD_PRELOAD``), or ``None``."""
+  return next(filter(None, map(ctypes.util.find_library, CANDIDATES[name])), None)
 
 
 def worker(args: argparse.Namespace) -> dict:
   """Times the train steps and the evaluation pass in this process; returns medians."""
   import jax
   import optax
-  from bench_models import make_batch, nnx_apply
+  from bench_models import make_batch, make_step, nnx_apply
   from bench_train_step import SIZES
   from flax import nnx
 
@@ -72,16 +63,6 @@ def worker(args: argparse.Namespace) -> dict:
   evaluate = jax.jit(nnx_apply(graphdef, dropout=False))
   out = {}
 
-  def make_step(tx):
-    def step(p, s, b, i):
-      def objective(p):
-        logits = apply(p, b, jax.random.fold_in(jax.random.key(0), i))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
-      value, g = jax.value_and_grad(objective)(p)
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s, value
-    return jax.jit(step, donate_argnums=(0, 1))
-
   def timed(fn, reps):
     usage = resource.getrusage(resource.RUSAGE_SELF)
     times = []
@@ -95,7 +76,7 @@ def worker(args: argparse.Namespace) -> dict:
             "sys_s_per_step": (after.ru_stime - usage.ru_stime) / reps}
 
   for name, tx in cases.items():
-    step = make_step(tx)
+    step = make_step(apply, tx)
     carry = [jax.tree.map(np.array, params), None, None]
     carry[1] = tx.init(carry[0])
 

@@ -51,14 +51,15 @@ def nnx_apply(graphdef, dropout: bool = True):
   return apply
 
 
-def make_step(apply):
-  """The jitted train step (forward, backward, clip, AdamW), params donated."""
+def make_step(apply, tx: optax.GradientTransformation = TX):
+  """The jitted train step (forward, backward, and ``tx``: clip and AdamW unless given),
+  params donated."""
   def step(p, s, b, i):
     def objective(p):
       logits = apply(p, b, jax.random.fold_in(jax.random.key(0), i))
       return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
     value, g = jax.value_and_grad(objective)(p)
-    u, s = TX.update(g, s, p)
+    u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, value
   return jax.jit(step, donate_argnums=(0, 1))
 
