@@ -217,30 +217,17 @@ def multitask_tables(tasks: dict[str, dict]) -> list[str]:
   return lines
 
 
-def shared_jaccard(out: str) -> dict:
-  """Jaccard of each test seed's shared network with each task's own D network, by task.
+def shared_jaccard(tasks: dict[str, dict]) -> dict[str, dict[int, float]]:
+  """Per task and test seed: the Jaccard of the shared network with the task's own.
 
-  Read from the runs' ``child_mask.npz`` (encoder layers only) where they are on disk, and
-  kept in ``OUT/glue4/jaccard.json`` for where they are not (the masks are not committed).
+  The task's own network is the top p of its Fisher information alone, from the same run
+  (the same examples and head as its single-task D run of the seed, and the shared
+  network's p); each shared-D run records it (``child_network.jaccard_with_task_network``).
   """
-  path = os.path.join(out, MULTI, "jaccard.json")
-  found = _read(path) if os.path.exists(path) else {}
-  for shared_path in glob.glob(os.path.join(out, MULTI, "test", "shared-D", "seed-*",
-                                            "child_mask.npz")):
-    seed = os.path.basename(os.path.dirname(shared_path))
-    with np.load(shared_path) as f:
-      shared = {k[len("shared/"):]: f[k] for k in f if k.startswith("shared/")}
-    for task in MULTI_TASKS:
-      own_path = os.path.join(out, task, "test", "D", seed, "child_mask.npz")
-      if not os.path.exists(own_path):
-        continue
-      with np.load(own_path) as f:
-        keys = [k for k in f if "layer" in k and k in shared]
-        inter = sum(int(np.sum(f[k] & shared[k])) for k in keys)
-        union = sum(int(np.sum(f[k] | shared[k])) for k in keys)
-      found.setdefault(task, {})[seed] = inter / union if union else 1.0
-  if found:
-    files.write_json(path, found)
+  found: dict[str, dict[int, float]] = {}
+  for seed, r in tasks[MULTI]["tests"].get("shared-D", {}).items():
+    for task, j in r["child_network"].get("jaccard_with_task_network", {}).items():
+      found.setdefault(task, {})[seed] = j
   return found
 
 
@@ -440,13 +427,15 @@ def main(argv: list[str] | None = None) -> str:
           sel = np.mean(info["grid"].get(method, {}).get(point, [np.nan]))
           lines.append(f"| {method} | {point[0]:g}, {point[1]} | {100 * sel:.2f} |")
         lines += [""] + multitask_tables(tasks)
-      jac = shared_jaccard(args.out)
+      jac = shared_jaccard(tasks)
       if jac:
-        lines += ["Jaccard of the shared network with each task's own D network "
-                  "(encoder layers, per test seed):", "",
-                  "| task | mean | seeds |", "|---|---:|---:|"]
-        lines += [f"| {t} | {np.mean(list(v.values())):.3f} | {len(v)} |"
-                  for t, v in jac.items()] + [""]
+        p = next(iter(tasks[MULTI]["tests"]["shared-D"].values()))["config"]["reserve_p"]
+        lines += ["Jaccard of the shared network with each task's own network of the same "
+                  f"size (encoder layers, per test seed; two independent random networks of "
+                  f"p = {p:g}: {p / (2 - p):.3f}):", "",
+                  "| task | mean | min | max | seeds |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {t} | {np.mean(list(v.values())):.3f} | {min(v.values()):.3f} | "
+                  f"{max(v.values()):.3f} | {len(v)} |" for t, v in jac.items()] + [""]
     elif info["choices"]:
       lines += test_table(task, info) + [""]
       if task in ALSO:

@@ -47,7 +47,7 @@ def test_task_stream_covers_every_example_once_per_pass():
   assert not np.array_equal(rows[:10], rows[10:])  # reshuffled after a pass
 
 
-def test_child_network_is_the_tasks_fisher_combined(tmp_path):
+def test_child_network_is_the_tasks_fisher_combined(tmp_path, monkeypatch):
   for mode in ("D", "shared-D"):
     assert cli.main([*ARGS, "--mode", mode, "--no-save-model",
                      "--output-dir", str(tmp_path / mode)]) == 0
@@ -83,6 +83,28 @@ def test_child_network_is_the_tasks_fisher_combined(tmp_path):
     assert _results(out)["child_network"]["kept"] == sum(
         int(np.sum(np.asarray(x))) for x, p in zip(jax.tree_util.tree_leaves(want),
                                                    leaf_paths(want)) if is_encoder_layer(p))
+    # Its Jaccard with each task's own network: that task's top 30% by np.percentile.
+    layers = [p for p in leaf_paths(want) if is_encoder_layer(p)]
+    shared = np.concatenate([got[p].ravel() for p in layers])
+    for task, f in zip(tasks, fishers):
+      flat = dict(zip(leaf_paths(f), jax.tree_util.tree_leaves(f)))
+      scores = np.concatenate([np.asarray(flat[p]).ravel() for p in layers])
+      own = scores >= np.percentile(scores, 70)
+      np.testing.assert_allclose(
+          _results(out)["child_network"]["jaccard_with_task_network"][task.name],
+          np.sum(shared & own) / np.sum(shared | own), rtol=1e-12, err_msg=mode)
+  # A run resumed after its network was chosen reads the network and its overlaps back.
+  out = str(tmp_path / "shared-D")
+  first = _results(out)["child_network"]
+  os.remove(os.path.join(out, "seed-42", "results.json"))  # as if killed before the end
+
+  def no_fisher(*args, **kwargs):
+    raise AssertionError("a resumed run reads its network, not a new Fisher pass")
+
+  monkeypatch.setattr(train, "fisher_pass", no_fisher)
+  assert cli.main([*ARGS, "--mode", "shared-D", "--no-save-model", "--output-dir", out,
+                   "--resume"]) == 0
+  assert _results(out)["child_network"] == first
 
 
 def test_multitask_resumes_bitwise_and_scores_each_task_with_its_own_head(tmp_path, monkeypatch):

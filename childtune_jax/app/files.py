@@ -20,8 +20,10 @@ HISTORY_FILE = "history.json"  # selection scores and network changes so far, fo
 CHECKPOINT_DIR = "checkpoints"  # orbax checkpoints while it trains
 RESULTS_FILE = "results.json"  # a finished seed's results (its presence: the seed is done)
 MASK_FILE = "child_mask.npz"  # the child network a D (or random) run trained
+OVERLAP_FILE = "child_overlap.json"  # a multi-task network's Jaccard with each task's own
 MODEL_DIR = "model"  # the fine-tuned model, in Hugging Face's layout
-SEED_FILES = (RESULTS_FILE, RUN_FILE, CHECKPOINT_DIR, MASK_FILE, MODEL_DIR, HISTORY_FILE)
+SEED_FILES = (RESULTS_FILE, RUN_FILE, CHECKPOINT_DIR, MASK_FILE, OVERLAP_FILE, MODEL_DIR,
+              HISTORY_FILE)
 SEED_FIELD = "{seed}"  # in a mask path given to train: each seed's own number
 
 

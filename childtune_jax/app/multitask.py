@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ import numpy as np
 
 from childtune_jax.app import data, files, train
 from childtune_jax.app.checkpoints import Checkpoints, load_keep
-from childtune_jax.masks import COMBINE, is_encoder_layer, shared_fisher_mask
+from childtune_jax.masks import COMBINE, fisher_mask, is_encoder_layer, jaccard, shared_fisher_mask
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +158,23 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
 
 def child_network(r: train.Run, losses: list[Callable], params: Any,
                   splits: list[train.Splits], *, resume: bool) -> Any:
-  """D's or shared-D's child network of the shared encoder (``None`` for vanilla and F)."""
+  """D's or shared-D's child network of the shared encoder (``None`` for vanilla and F).
+
+  Also records, per task, its Jaccard with the task's own network: the top ``reserve_p`` of
+  that task's Fisher information alone, over the same examples
+  (``child_network.jaccard_with_task_network`` in results.json).
+  """
   cfg = r.cfg
   if cfg.mode not in ("D", "shared-D"):
     return None
   mask_path = os.path.join(r.out_dir, files.MASK_FILE)
+  overlap_path = os.path.join(r.out_dir, files.OVERLAP_FILE)
   if resume and os.path.exists(mask_path):
     keep = load_keep(mask_path, params)
+    overlap = None
+    if os.path.exists(overlap_path):
+      with open(overlap_path) as f:
+        overlap = json.load(f)
   else:
     t = time.perf_counter()
     fishers = [train.fisher_pass(r, loss, params, s) for loss, s in zip(losses, splits)]
@@ -176,7 +187,16 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
       keep = shared_fisher_mask(fishers, cfg.reserve_p, combine=cfg.combine,
                                 where=is_encoder_layer)
     r.timings["fisher_s"] = time.perf_counter() - t
+    overlap = {task.name: jaccard(keep, fisher_mask(f, cfg.reserve_p, where=is_encoder_layer),
+                                  where=is_encoder_layer)
+               for task, f in zip(cfg.tasks, fishers)}
+    if r.primary:  # kept beside the mask: a resumed run reads it instead of the Fisher passes
+      files.write_json(overlap_path, overlap)
   train.record_network(r, keep, mask_path)
+  if overlap is not None:
+    r.results["child_network"]["jaccard_with_task_network"] = overlap
+    logger.info("Jaccard with each task's own network: %s",
+                ", ".join(f"{name} {j:.3f}" for name, j in overlap.items()))
   return keep
 
 
