@@ -150,7 +150,7 @@ class Study:
       argv += ["--compilation-cache", self.args.compilation_cache]
     masks = os.path.join(self.root, "masks", f"{method}-seed-{files.SEED_FIELD}.npz")
     mask = files.for_seed(masks, seed)
-    fisher = "--mode D" in METHODS[method]
+    fisher = method in ("D", "shared-D")  # a network that depends on the seed alone
     if fisher and os.path.exists(mask):  # the same argument for every seed: one experiment
       argv += ["--child-mask", masks]
     print("+ childtune " + " ".join(argv), flush=True)

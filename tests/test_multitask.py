@@ -1,5 +1,6 @@
 """``childtune multitask``: the task sampler, the shared child network, resume and results."""
 
+import hashlib
 import json
 import os
 
@@ -107,6 +108,41 @@ def test_child_network_is_the_tasks_fisher_combined(tmp_path, monkeypatch):
   assert _results(out)["child_network"] == first
 
 
+def test_a_saved_network_trains_as_the_fisher_passes_that_chose_it(tmp_path, monkeypatch):
+  first, again = str(tmp_path / "first"), str(tmp_path / "again")
+  argv = [*ARGS, "--mode", "shared-D", "--no-save-model"]
+  assert cli.main([*argv, "--output-dir", first]) == 0
+  mask = os.path.join(first, "seed-{seed}", "child_mask.npz")
+
+  def no_fisher(*args, **kwargs):
+    raise AssertionError("a given network needs no Fisher pass")
+
+  monkeypatch.setattr(train, "fisher_pass", no_fisher)
+  assert cli.main([*argv, "--child-mask", mask, "--output-dir", again]) == 0
+  a, b = _results(first), _results(again)
+  assert a["train_losses"] == b["train_losses"] and a["metrics"] == b["metrics"]
+  assert {k: v for k, v in a["child_network"].items() if k != "jaccard_with_task_network"} \
+      == b["child_network"]  # the overlaps need the Fisher passes: a given network has none
+  assert "jaccard_with_task_network" in a["child_network"]
+  with open(os.path.join(first, "seed-42", "child_mask.npz"), "rb") as f:
+    assert b["child_mask_sha256"] == hashlib.sha256(f.read()).hexdigest()
+  assert "fisher_s" not in b["timings"]
+
+
+def test_a_network_of_other_shapes_is_refused_before_anything_runs(tmp_path, capsys):
+  single = str(tmp_path / "single")  # a single-task run's network: no shared/heads split
+  assert cli.main(["train", "--task", "rte", *ARGS[4:], "--mode", "D", "--no-save-model",
+                   "--max-train-samples", "8", "--output-dir", single]) == 0
+  capsys.readouterr()
+  for mask, message in ((os.path.join(single, "seed-42", "child_mask.npz"), "has no mask for"),
+                        (str(tmp_path / "none-{seed}.npz"), "does not exist")):
+    out = tmp_path / "run"
+    assert cli.main([*ARGS, "--mode", "D", "--child-mask", mask, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_multitask_resumes_bitwise_and_scores_each_task_with_its_own_head(tmp_path, monkeypatch):
   whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
   argv = [*ARGS, "--mode", "F", "--save-every", "3"]
@@ -152,6 +188,7 @@ def test_multitask_resumes_bitwise_and_scores_each_task_with_its_own_head(tmp_pa
     (["--tasks", "rte", "rte"], "two or more different tasks"),
     (["--tasks", "rte"], "two or more different tasks"),
     (["--selection-only"], "--selection-only needs --selection-samples"),
+    (["--child-mask", "x.npz"], "--child-mask goes with --mode D or shared-D"),
 ])
 def test_bad_multitask_options_one_line_exit_2(tmp_path, capsys, extra, message):
   out = tmp_path / "run"
@@ -174,7 +211,7 @@ def test_selection_split_per_task_and_its_mean_by_epoch(tmp_path):
   assert res["selection_by_epoch"][0] is not None
 
 
-@pytest.mark.parametrize("option", [["--child-mask", "x.npz"], ["--every", "5"],
+@pytest.mark.parametrize("option", [["--every", "5"],
                                     ["--train-file", "t.csv"], ["--eval-task", "sick"]])
 def test_options_multitask_does_not_take_are_not_offered(tmp_path, capsys, option):
   with pytest.raises(SystemExit) as e:

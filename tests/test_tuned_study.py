@@ -176,7 +176,7 @@ def test_nli_arm_selects_on_snli_and_tests_on_heldout_and_sick(tmp_path, monkeyp
 
 def test_multitask_arm_compares_each_task_with_its_single_task_runs(tmp_path, monkeypatch):
   study, analyze = _load(), _load("analyze_tuned")
-  for name, value in (("LEARNING_RATES", (1e-3,)), ("SELECTION_SEEDS", (1,)),
+  for name, value in (("LEARNING_RATES", (1e-3, 2e-3)), ("SELECTION_SEEDS", (1,)),
                       ("TEST_SEEDS", (7,)), ("TRAIN_SAMPLES", 16), ("SELECTION_SAMPLES", 8),
                       ("EPOCHS", 1), ("LONG_EPOCHS", 2), ("MULTI_TASKS", ("rte", "mrpc")),
                       ("MAX_LEN", {"rte": 32, "mrpc": 32, "glue4": 32})):
@@ -190,6 +190,14 @@ def test_multitask_arm_compares_each_task_with_its_single_task_runs(tmp_path, mo
   assert set(os.listdir(os.path.join(out, "glue4", "test"))) == {"vanilla", "shared-D"}
   multi = _read(os.path.join(out, "glue4", "test", "shared-D", "seed-7", "results.json"))
   assert multi["config"]["task"] == "rte,mrpc" and "rte/dev" in multi["metrics"]
+  # shared-D's four Fisher passes run once per seed: the grid's first point chose the network
+  # that the others train (as the single-task D grids do).
+  mask = os.path.join(out, "glue4", "masks", "shared-D-seed-1.npz")
+  first, second = (os.path.join(out, "glue4", "select", "shared-D", f"lr{lr:g}-ep1", "seed-1")
+                   for lr in (1e-3, 2e-3))
+  assert files.sha256(mask) == files.sha256(os.path.join(first, "child_mask.npz"))
+  assert _read(os.path.join(second, "results.json"))["child_mask_sha256"] == files.sha256(mask)
+  assert "child_mask_sha256" not in multi  # a test seed chooses its own
   text = analyze.main(["--out", out, "--no-plots"])
   # Multi-task shared-D against single-task D on RTE, paired by seed.
   single = {s: _read(os.path.join(out, "rte", "test", "D", f"seed-{s}", "results.json"))

@@ -111,7 +111,7 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
   src.add_argument("--data-dir", help="folder in the GLUE TSV layout (TASK/train.tsv, dev.tsv)")
   # Options a multi-task run does not take are not offered to it (their defaults apply).
   p.set_defaults(train_file=None, validation_file=None, text_columns=None, label_column=None,
-                 train_split="train", eval_task=None, heldout_samples=None, child_mask=None,
+                 train_split="train", eval_task=None, heldout_samples=None,
                  every=None, full_stage=None, score="ema", score_decay=None, random_like=None)
   if not multitask:
     src.add_argument("--train-file", help="your own .csv/.tsv/.json/.jsonl training file")
@@ -162,12 +162,13 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
                  help="how F draws its masks (default hash8: fastest; bernoulli: exact p)")
   p.add_argument("--freeze-non-child", action="store_true",
                  help="also mask the final update, so non-child weights do not move at all")
+  p.add_argument("--child-mask", metavar="MASK",
+                 help=f"mode {'D or shared-D' if multitask else 'D'}: train this saved child "
+                      f"network (an earlier {'multitask' if multitask else 'train'} run's "
+                      "child_mask.npz of the same seed) instead of running the Fisher pass; "
+                      "{seed} in MASK stands for each seed's number (a file per seed: "
+                      "--seeds 1 2 --child-mask masks/D-seed-{seed}.npz)")
   if not multitask:
-    p.add_argument("--child-mask", metavar="MASK",
-                   help="mode D: train this saved child network (an earlier run's "
-                        "child_mask.npz of the same seed) instead of running the Fisher pass; "
-                        "{seed} in MASK stands for each seed's number (a file per seed: "
-                        "--seeds 1 2 --child-mask masks/D-seed-{seed}.npz)")
     dyn = p.add_argument_group("mode dynamic")
     dyn.add_argument("--every", type=_positive_int,
                      help="steps between re-selections of the network (default: 5%% of the "
@@ -559,6 +560,28 @@ def _check_same_run(seed_dir: str, cfg: Any) -> None:
     return
 
 
+def _mask_files(args: argparse.Namespace, *options: tuple[str, str | None]
+                ) -> dict[str, list[str]]:
+  """Each ``(option, path)``'s files, one per seed (``{seed}``); a missing one is refused."""
+  masks = {option: sorted({files.for_seed(path, seed) for seed in args.seeds}) if path else []
+           for option, path in options}
+  for paths in masks.values():
+    for path in paths:
+      if not os.path.isfile(path):
+        raise UsageError(f"mask file {path} does not exist")
+  return masks
+
+
+def _check_mask_files(masks: dict[str, list[str]], shapes: Callable[[], Any]) -> None:
+  """Every file of :func:`_mask_files` against the model's ``shapes()`` (made once, if any)."""
+  if not any(masks.values()):
+    return
+  like = shapes()
+  for option, paths in masks.items():
+    for path in paths:
+      _check_mask_file(option, path, like)
+
+
 def _check_mask_file(option: str, path: str, shapes: Any) -> None:
   """A mask file must hold a bool array of the right shape for every parameter of ``shapes``."""
   import jax
@@ -644,19 +667,15 @@ def _preset_epochs(args: argparse.Namespace, batches_per_epoch: int, filled: lis
 
 
 def train_command(args: argparse.Namespace) -> dict:
-  from childtune_jax.app import train
+  from childtune_jax.app import loading, train
 
   task = data.TASKS[args.task]
   if args.random_like and args.mode != "random":
     raise UsageError("--random-like goes with --mode random")
   if args.child_mask and args.mode != "D":
     raise UsageError("--child-mask goes with --mode D")
-  masks = {option: sorted({files.for_seed(path, seed) for seed in args.seeds}) if path else []
-           for option, path in (("--random-like", args.random_like),
-                                ("--child-mask", args.child_mask))}
-  for path in masks["--random-like"] + masks["--child-mask"]:
-    if not os.path.isfile(path):
-      raise UsageError(f"mask file {path} does not exist")
+  masks = _mask_files(args, ("--random-like", args.random_like),
+                      ("--child-mask", args.child_mask))
   if args.mode != "dynamic" and (args.every or args.full_stage is not None
                                  or args.score != "ema" or args.score_decay is not None):
     raise UsageError("--every, --full-stage, --score and --score-decay go with --mode dynamic")
@@ -670,13 +689,8 @@ def train_command(args: argparse.Namespace) -> dict:
   train_set, evals, n_train = _load_checked(args, task)
   _preset_epochs(args, math.ceil(n_train / args.batch_size), filled)
   _check_model(args.model, args.max_seq_length, args.backend)
-  if masks["--random-like"] or masks["--child-mask"]:  # the model's shapes, once for every file
-    from childtune_jax.app.loading import param_shapes
-
-    shapes = param_shapes(args.model, task.num_labels, args.backend)
-    for option, paths in masks.items():
-      for path in paths:
-        _check_mask_file(option, path, shapes)
+  _check_mask_files(masks, lambda: loading.param_shapes(args.model, task.num_labels,
+                                                        args.backend))
   summary = _run_seeds(args, cache, task, lambda seed: _train_config(args, task, seed),
                        lambda cfg, seed_dir: train.run(
                            cfg, train_set, evals, seed_dir, resume=args.resume,
@@ -749,6 +763,9 @@ def multitask_command(args: argparse.Namespace) -> dict:
   tasks = [data.TASKS[name] for name in args.tasks]
   if len(set(args.tasks)) != len(args.tasks) or len(tasks) < 2:
     raise UsageError(f"--tasks takes two or more different tasks, got {' '.join(args.tasks)}")
+  if args.child_mask and args.mode not in ("D", "shared-D"):
+    raise UsageError("--child-mask goes with --mode D or shared-D")
+  masks = _mask_files(args, ("--child-mask", args.child_mask))
   filled = _preset_defaults(args, None)
   cache = _check_run_options(args)
   loaded = {task.name: _load_checked(args, task) for task in tasks}
@@ -756,6 +773,7 @@ def multitask_command(args: argparse.Namespace) -> dict:
   _preset_epochs(args, sum(math.ceil(n / args.batch_size) for _, _, n in loaded.values()),
                  filled)
   _check_model(args.model, args.max_seq_length, args.backend)
+  _check_mask_files(masks, lambda: multitask.param_shapes(args.model, tasks, args.backend))
   joined = data.Task(",".join(args.tasks), (), "", None,
                      tuple(dict.fromkeys(m for t in tasks for m in t.metrics)), "")
 

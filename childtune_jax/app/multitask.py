@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from childtune_jax.app import data, files, train
+from childtune_jax.app import data, files, loading, train
 from childtune_jax.app.checkpoints import Checkpoints, load_keep
 from childtune_jax.masks import COMBINE, fisher_mask, is_encoder_layer, jaccard, shared_fisher_mask
 
@@ -91,6 +91,11 @@ def _split_params(params: list[Any]) -> dict:
   """``{"shared": the first model's encoder, "heads": [each model's head]}``."""
   shared = {k: v for k, v in params[0].items() if k != HEAD}
   return {"shared": shared, "heads": {str(i): p[HEAD] for i, p in enumerate(params)}}
+
+
+def param_shapes(model: str, tasks: Sequence[data.Task], backend: str) -> dict:
+  """The shapes of a multi-task run's parameters (shared encoder, a head per task)."""
+  return _split_params([loading.param_shapes(model, t.num_labels, backend) for t in tasks])
 
 
 def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], out_dir: str,
@@ -160,21 +165,27 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
                   splits: list[train.Splits], *, resume: bool) -> Any:
   """D's or shared-D's child network of the shared encoder (``None`` for vanilla and F).
 
-  Also records, per task, its Jaccard with the task's own network: the top ``reserve_p`` of
-  that task's Fisher information alone, over the same examples
-  (``child_network.jaccard_with_task_network`` in results.json).
+  It comes from a resumed run's own file, a given ``cfg.child_mask`` (an earlier run's), or
+  the tasks' Fisher passes. These also record, per task, the network's Jaccard with the
+  task's own network: the top ``reserve_p`` of that task's Fisher information alone, over
+  the same examples (``child_network.jaccard_with_task_network`` in results.json; a given
+  network has none).
   """
   cfg = r.cfg
   if cfg.mode not in ("D", "shared-D"):
     return None
   mask_path = os.path.join(r.out_dir, files.MASK_FILE)
   overlap_path = os.path.join(r.out_dir, files.OVERLAP_FILE)
+  overlap = None
   if resume and os.path.exists(mask_path):
     keep = load_keep(mask_path, params)
-    overlap = None
     if os.path.exists(overlap_path):
       with open(overlap_path) as f:
         overlap = json.load(f)
+  elif cfg.child_mask:  # the path may name each seed's file (``files.for_seed``)
+    given = files.for_seed(cfg.child_mask, cfg.seed)
+    keep = load_keep(given, params)
+    r.results["child_mask_sha256"] = files.sha256(given)
   else:
     t = time.perf_counter()
     fishers = [train.fisher_pass(r, loss, params, s) for loss, s in zip(losses, splits)]
