@@ -182,10 +182,8 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
     if os.path.exists(overlap_path):
       with open(overlap_path) as f:
         overlap = json.load(f)
-  elif cfg.child_mask:  # the path may name each seed's file (``files.for_seed``)
-    given = files.for_seed(cfg.child_mask, cfg.seed)
-    keep = load_keep(given, params)
-    r.results["child_mask_sha256"] = files.sha256(given)
+  elif cfg.child_mask:
+    keep = train.given_network(r, params)
   else:
     t = time.perf_counter()
     fishers = [train.fisher_pass(r, loss, params, s) for loss, s in zip(losses, splits)]

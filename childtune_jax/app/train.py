@@ -351,10 +351,8 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
   mask_path = os.path.join(r.out_dir, files.MASK_FILE)
   if resume and os.path.exists(mask_path):
     keep = load_keep(mask_path, params)
-  elif cfg.child_mask:  # the path may name each seed's file (``files.for_seed``)
-    given = files.for_seed(cfg.child_mask, cfg.seed)
-    keep = load_keep(given, params)
-    r.results["child_mask_sha256"] = files.sha256(given)
+  elif cfg.child_mask:
+    keep = given_network(r, params)
   elif cfg.mode == "D":
     t = time.perf_counter()
     keep = fisher_mask(fisher_pass(r, loss_fn, params, splits), cfg.reserve_p,
@@ -366,6 +364,14 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
       size = {"count": kept_fraction(load_keep(keep_like_d, params), where=is_encoder_layer)[0]}
     keep = random_keep(cfg.seed + 1_000_003, params, **size, where=is_encoder_layer)
   record_network(r, keep, mask_path)
+  return keep
+
+
+def given_network(r: Run, params: Any) -> Any:
+  """The network of ``cfg.child_mask`` (``{seed}``: this seed's file), its SHA-256 recorded."""
+  given = files.for_seed(r.cfg.child_mask, r.cfg.seed)
+  keep = load_keep(given, params)
+  r.results["child_mask_sha256"] = files.sha256(given)
   return keep
 
 
