@@ -190,7 +190,11 @@ def glue_average(tasks: dict[str, dict]) -> list[str]:
 
 
 def multitask_tables(tasks: dict[str, dict]) -> list[str]:
-  """Per task: single-task vanilla and D against multi-task vanilla and shared-D, by seed."""
+  """Per task: single-task vanilla and D and multi-task vanilla and shared-D, paired by seed.
+
+  Each row's difference to single-task D and to single-task vanilla; shared-D's also to
+  multi-task vanilla (what the shared child network adds to training the tasks together).
+  """
   multi = tasks[MULTI]["tests"]
   lines = []
   for task in MULTI_TASKS:
@@ -202,17 +206,21 @@ def multitask_tables(tasks: dict[str, dict]) -> list[str]:
                  for m in ("vanilla", "shared-D")})
     lines += [f"### {task} ({metric}) in the multi-task arm", "",
               "| run | test mean ± std | seeds | Δ vs single-task D [95% CI] | above / below | "
-              "Δ vs single-task vanilla [95% CI] | above / below |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "Δ vs single-task vanilla [95% CI] | above / below | "
+              "Δ vs multi-task vanilla [95% CI] | above / below |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, scores in rows.items():
       if not scores:
-        lines.append(f"| {name} | not yet | 0 | | | | |")
+        lines.append(f"| {name} | not yet | 0 |" + " |" * 6)
         continue
-      vs_d = paired_columns(scores, rows["single-task D"]) if name != "single-task D" else ("", "")
-      vs_v = (paired_columns(scores, rows["single-task vanilla"])
-              if name != "single-task vanilla" else ("", ""))
+      against = ["single-task D", "single-task vanilla"]
+      if name == "multi-task shared-D":
+        against.append("multi-task vanilla")
+      cells = [paired_columns(scores, rows[base]) if name != base else ("", "")
+               for base in against]
+      cells += [("", "")] * (3 - len(cells))
       lines.append(f"| {name} | {mean_std(scores)} | {len(scores)} | "
-                   f"{vs_d[0]} | {vs_d[1]} | {vs_v[0]} | {vs_v[1]} |")
+                   + " | ".join(c for pair in cells for c in pair) + " |")
     lines.append("")
   return lines
 

@@ -209,6 +209,15 @@ def test_multitask_arm_compares_each_task_with_its_single_task_runs(tmp_path, mo
   section = text[text.index("### rte"):]
   row = next(line for line in section.splitlines() if line.startswith("| multi-task shared-D"))
   assert row.split("|")[4].strip() == f"{d:+.2f}"
+  # ... and against multi-task vanilla of the same seed (what the shared network adds).
+  together = _read(os.path.join(out, "glue4", "test", "vanilla", "seed-7", "results.json"))
+  d = 100 * (shared[7]["metrics"]["rte/dev"]["accuracy"]
+             - together["metrics"]["rte/dev"]["accuracy"])
+  assert row.split("|")[8].strip() == f"{d:+.2f}"
+  assert row.split("|")[9].strip() == f"{int(d > 0)} / {int(d < 0)}"
+  vanilla_row = next(line for line in section.splitlines()
+                     if line.startswith("| multi-task vanilla"))
+  assert [c.strip() for c in vanilla_row.split("|")[8:10]] == ["", ""]  # none to itself
   # The Jaccard of the shared network with RTE's own network of the same size, as the run
   # recorded it: recomputed here from its mask and RTE's single-task D network of the seed
   # (the same examples, head and Fisher pass; RTE's D p is the shared network's 0.3).
