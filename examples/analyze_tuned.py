@@ -3,7 +3,8 @@
 Writes ``OUT/summary.md`` (per task: each method's chosen point, its test mean ± std over
 the test seeds, the paired difference to vanilla with a 95% bootstrap interval and the count
 of seeds above and below, MRPC also in accuracy; the selection grid; the four GLUE tasks'
-mean per test seed, paired; the dynamic network paired with fixed D; the CLI's defaults),
+mean per test seed, paired; the dynamic network paired with fixed D; the multi-task arm
+against the single-task runs per task and over the four; the CLI's defaults),
 ``OUT/sensitivity.png`` (mean selection score against learning rate, one line per method,
 per task), ``OUT/loss_curves.png`` (training loss of one seed at each method's chosen point)
 and ``OUT/dynamic_networks.png`` (the Jaccard between successive dynamic child networks over
@@ -165,13 +166,8 @@ def glue_average(tasks: dict[str, dict]) -> list[str]:
   if any(t not in tasks for t in GLUE_TASKS):
     return []
 
-  def averages(method: str) -> dict[int, float]:
-    per_task = [_test_scores(tasks[t]["tests"].get(method, {}), "dev", METRIC[t])
-                for t in GLUE_TASKS]
-    seeds = set.intersection(*(set(s) for s in per_task))
-    return {s: float(np.mean([scores[s] for scores in per_task])) for s in sorted(seeds)}
-
-  scores = {m: averages(m) for m in DEFAULT_METHODS}
+  scores = {m: _mean_over_tasks([_test_scores(tasks[t]["tests"].get(m, {}), "dev", METRIC[t])
+                                  for t in GLUE_TASKS]) for m in DEFAULT_METHODS}
   if not any(scores.values()):
     return []
   lines = ["## The four GLUE tasks together (test seeds, paired)", "",
@@ -194,17 +190,24 @@ def multitask_tables(tasks: dict[str, dict]) -> list[str]:
 
   Each row's difference to single-task D and to single-task vanilla; shared-D's also to
   multi-task vanilla (what the shared child network adds to training the tasks together).
+  Last, the same for the four tasks' mean main metric, per seed (as in
+  :func:`glue_average`: a seed counts where all four tasks have its run).
   """
   multi = tasks[MULTI]["tests"]
-  lines = []
+  per_task = {}
   for task in MULTI_TASKS:
-    metric = METRIC[task]
     single = tasks.get(task, {}).get("tests", {})
-    rows = {f"single-task {m}": _test_scores(single.get(m, {}), "dev", metric)
+    rows = {f"single-task {m}": _test_scores(single.get(m, {}), "dev", METRIC[task])
             for m in ("vanilla", "D")}
-    rows.update({f"multi-task {m}": _test_scores(multi.get(m, {}), f"{task}/dev", metric)
+    rows.update({f"multi-task {m}": _test_scores(multi.get(m, {}), f"{task}/dev", METRIC[task])
                  for m in ("vanilla", "shared-D")})
-    lines += [f"### {task} ({metric}) in the multi-task arm", "",
+    per_task[f"{task} ({METRIC[task]})"] = rows
+  per_task["the tasks' mean main metric (per seed)"] = {
+      name: _mean_over_tasks([rows[name] for rows in per_task.values()])
+      for name in next(iter(per_task.values()))}
+  lines = []
+  for title, rows in per_task.items():
+    lines += [f"### {title} in the multi-task arm", "",
               "| run | test mean ± std | seeds | Δ vs single-task D [95% CI] | above / below | "
               "Δ vs single-task vanilla [95% CI] | above / below | "
               "Δ vs multi-task vanilla [95% CI] | above / below |",
@@ -223,6 +226,12 @@ def multitask_tables(tasks: dict[str, dict]) -> list[str]:
                    + " | ".join(c for pair in cells for c in pair) + " |")
     lines.append("")
   return lines
+
+
+def _mean_over_tasks(per_task: list[dict[int, float]]) -> dict[int, float]:
+  """Per seed, the mean of the tasks' scores, for the seeds that every task has."""
+  seeds = set.intersection(*(set(s) for s in per_task))
+  return {s: float(np.mean([scores[s] for scores in per_task])) for s in sorted(seeds)}
 
 
 def shared_jaccard(tasks: dict[str, dict]) -> dict[str, dict[int, float]]:

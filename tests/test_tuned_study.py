@@ -218,6 +218,16 @@ def test_multitask_arm_compares_each_task_with_its_single_task_runs(tmp_path, mo
   vanilla_row = next(line for line in section.splitlines()
                      if line.startswith("| multi-task vanilla"))
   assert [c.strip() for c in vanilla_row.split("|")[8:10]] == ["", ""]  # none to itself
+  # The tasks' mean main metric (RTE accuracy, MRPC F1), seed 7: shared-D against single D.
+  single_mrpc = _read(os.path.join(out, "mrpc", "test", "D", "seed-7", "results.json"))
+  mean_shared = (shared[7]["metrics"]["rte/dev"]["accuracy"]
+                 + shared[7]["metrics"]["mrpc/dev"]["f1"]) / 2
+  mean_single = (single[7]["metrics"]["dev"]["accuracy"]
+                 + single_mrpc["metrics"]["dev"]["f1"]) / 2
+  section = text[text.index("### the tasks' mean"):]
+  row = next(line for line in section.splitlines() if line.startswith("| multi-task shared-D"))
+  assert row.split("|")[2].strip().startswith(f"{100 * mean_shared:.2f}")
+  assert row.split("|")[4].strip() == f"{100 * (mean_shared - mean_single):+.2f}"
   # The Jaccard of the shared network with RTE's own network of the same size, as the run
   # recorded it: recomputed here from its mask and RTE's single-task D network of the seed
   # (the same examples, head and Fisher pass; RTE's D p is the shared network's 0.3).
