@@ -95,7 +95,7 @@ def main() -> None:
       for (d, h), keep in zip(pairs, keeps):
         folder = os.path.join(args.save_dir, f"steps-{steps}")
         os.makedirs(folder, exist_ok=True)
-        save_keep(os.path.join(folder, f"data-{d}-head-{h}.npz"), keep)
+        save_keep(os.path.join(folder, f"data-{d}-head-{h}.npz"), keep, reserve_p=args.reserve_p)
     matrix = [[jaccard(a, b, where=is_encoder_layer) for b in keeps] for a in keeps]
     out["jaccard"][steps] = matrix
     print(f"\nJaccard after {steps} head-only steps")

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from childtune_jax.app.checkpoints import RESERVE_P_KEY
+
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")
 TINY = os.path.join(HERE, "fixtures", "tiny-bert")
@@ -160,7 +162,8 @@ def test_glue_study_pairs_random_with_d_and_skips_finished_runs(tmp_path, monkey
   d_net, r_net = results["D"]["child_network"], results["random"]["child_network"]
   assert r_net["kept"] == d_net["kept"]
   masks = [np.load(os.path.join(out, "sst2", m, "seed-7", "child_mask.npz")) for m in runs]
-  assert any(not np.array_equal(masks[0][k], masks[1][k]) for k in masks[0].files)
+  assert any(not np.array_equal(masks[0][k], masks[1][k]) for k in masks[1].files)
+  assert RESERVE_P_KEY in masks[0].files and RESERVE_P_KEY not in masks[1].files  # sized by D
   stamps = {m: os.path.getmtime(p) for m, p in runs.items()}
   study.main()  # everything finished: nothing reruns
   assert {m: os.path.getmtime(p) for m, p in runs.items()} == stamps

@@ -10,6 +10,7 @@ import pytest
 
 from childtune_jax import fisher_information, is_encoder_layer, shared_fisher_mask
 from childtune_jax.app import cli, data, loading, multitask, train
+from childtune_jax.app.checkpoints import RESERVE_P_KEY
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")
@@ -108,7 +109,8 @@ def test_child_network_is_the_tasks_fisher_combined(tmp_path, monkeypatch):
   assert _results(out)["child_network"] == first
 
 
-def test_a_saved_network_trains_as_the_fisher_passes_that_chose_it(tmp_path, monkeypatch):
+def test_a_saved_network_trains_as_the_fisher_passes_that_chose_it(tmp_path, monkeypatch,
+                                                                   capsys):
   first, again = str(tmp_path / "first"), str(tmp_path / "again")
   argv = [*ARGS, "--mode", "shared-D", "--no-save-model"]
   assert cli.main([*argv, "--output-dir", first]) == 0
@@ -127,6 +129,14 @@ def test_a_saved_network_trains_as_the_fisher_passes_that_chose_it(tmp_path, mon
   with open(os.path.join(first, "seed-42", "child_mask.npz"), "rb") as f:
     assert b["child_mask_sha256"] == hashlib.sha256(f.read()).hexdigest()
   assert "fisher_s" not in b["timings"]
+  # The file records the reserve_p that chose it (0.3, the default): another is refused.
+  with np.load(os.path.join(again, "seed-42", "child_mask.npz")) as f:
+    assert f[RESERVE_P_KEY] == 0.3
+  out = tmp_path / "other-p"
+  assert cli.main([*argv, "--child-mask", mask, "--reserve-p", "0.5",
+                   "--output-dir", str(out)]) == 2
+  assert "holds a child network of reserve_p 0.3, not --reserve-p 0.5" in capsys.readouterr().err
+  assert not out.exists()
 
 
 def test_a_network_of_other_shapes_is_refused_before_anything_runs(tmp_path, capsys):

@@ -3,11 +3,13 @@
 import hashlib
 import json
 import os
+import types
 
 import numpy as np
 import pytest
 
-from childtune_jax.app import cli, data
+from childtune_jax.app import cli, data, train
+from childtune_jax.app.checkpoints import RESERVE_P_KEY
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")
@@ -132,3 +134,36 @@ def test_child_mask_per_seed_trains_each_seeds_network_as_one_experiment(tmp_pat
                    "--output-dir", str(tmp_path / "missing")]) == 2
   assert f"mask file {masks.replace('{seed}', '3')} does not exist" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "missing")
+
+
+def test_child_mask_of_another_reserve_p_is_refused(tmp_path, capsys):
+  _run(tmp_path, "d", "D", "--selection-only", "--seeds", "1", "--reserve-p", "0.2")
+  given = tmp_path / "d" / "seed-1" / "child_mask.npz"
+  with np.load(given) as f:
+    assert f[RESERVE_P_KEY] == 0.2 and f[RESERVE_P_KEY].dtype == np.float64
+    masks = {k: f[k] for k in f.files if k != RESERVE_P_KEY}
+  base = ["train", "--task", "sst2", "--mode", "D", "--model", TINY, "--data-dir", GLUE,
+          "--seeds", "1", "--output-dir", str(tmp_path / "other")]
+  assert cli.main([*base, "--reserve-p", "0.3", "--child-mask", str(given)]) == 2
+  assert (f"--child-mask {given} holds a child network of reserve_p 0.2, not --reserve-p 0.3"
+          in capsys.readouterr().err)
+  assert not os.path.exists(tmp_path / "other")
+  # ... and by the library too, for a caller that skips the CLI's checks
+  run = types.SimpleNamespace(cfg=types.SimpleNamespace(child_mask=str(given), seed=1,
+                                                        reserve_p=0.3), results={})
+  with pytest.raises(ValueError, match="reserve_p 0.2, not this run's 0.3"):
+    train.given_network(run, None)
+  # A file that records nothing (written before files did) is taken as it is, and its
+  # copy in the new run records nothing either.
+  old = tmp_path / "old.npz"
+  np.savez_compressed(old, **masks)
+  res = _run(tmp_path, "old", "D", "--selection-only", "--seeds", "1", "--reserve-p", "0.3",
+             "--child-mask", str(old))
+  with np.load(tmp_path / "old" / "seed-1" / "child_mask.npz") as f:
+    assert RESERVE_P_KEY not in f.files and all(np.array_equal(f[k], masks[k]) for k in masks)
+  assert res[1]["child_network"]["kept"] == sum(
+      int(m.sum()) for k, m in masks.items() if "layer" in k)
+  # A bad record is a one-line error, not a traceback.
+  np.savez_compressed(old, **masks, **{RESERVE_P_KEY: np.array([0.3, 0.3])})
+  assert cli.main([*base, "--reserve-p", "0.3", "--child-mask", str(old)]) == 2
+  assert f"{RESERVE_P_KEY} is [0.3, 0.3], not a fraction" in capsys.readouterr().err

@@ -12,13 +12,27 @@ import numpy as np
 from childtune_jax import _tree
 from childtune_jax.app import files
 
+RESERVE_P_KEY = "__reserve_p__"  # in a mask file: the reserve_p that sized the network
 
-def save_keep(path: str, keep: Any) -> None:
-  """Saves a bool pytree as ``.npz`` keyed by leaf path, atomically."""
+
+def save_keep(path: str, keep: Any, *, reserve_p: float | None = None) -> None:
+  """Saves a bool pytree as ``.npz`` keyed by leaf path, atomically.
+
+  ``reserve_p``: the fraction that sized the network, stored beside the masks (under
+  :data:`RESERVE_P_KEY`) so that a run given this file can check it against its own.
+  """
   leaves = jax.tree_util.tree_leaves(keep)
   arrays = {p: np.asarray(x) for p, x in zip(_tree.leaf_paths(keep), leaves)}
+  if reserve_p is not None:
+    arrays[RESERVE_P_KEY] = np.float64(reserve_p)
   with files.replacing(path) as tmp:
     np.savez_compressed(tmp, **arrays)
+
+
+def saved_reserve_p(path: str) -> float | None:
+  """The ``reserve_p`` a mask file records (``None``: an older file, or not sized by one)."""
+  with np.load(path) as f:
+    return float(f[RESERVE_P_KEY]) if RESERVE_P_KEY in f.files else None
 
 
 def load_keep(path: str, like: Any) -> Any:

@@ -572,21 +572,31 @@ def _mask_files(args: argparse.Namespace, *options: tuple[str, str | None]
   return masks
 
 
-def _check_mask_files(masks: dict[str, list[str]], shapes: Callable[[], Any]) -> None:
-  """Every file of :func:`_mask_files` against the model's ``shapes()`` (made once, if any)."""
+def _check_mask_files(masks: dict[str, list[str]], shapes: Callable[[], Any],
+                      reserve_p: float) -> None:
+  """Every file of :func:`_mask_files` against the model's ``shapes()`` (made once, if any).
+
+  A ``--child-mask`` file that records the reserve_p of its network must record ``reserve_p``.
+  """
   if not any(masks.values()):
     return
   like = shapes()
   for option, paths in masks.items():
     for path in paths:
-      _check_mask_file(option, path, like)
+      saved = _check_mask_file(option, path, like)
+      if option == "--child-mask" and saved is not None and saved != reserve_p:
+        raise UsageError(f"{option} {path} holds a child network of reserve_p {saved:g}, "
+                         f"not --reserve-p {reserve_p:g}")
 
 
-def _check_mask_file(option: str, path: str, shapes: Any) -> None:
-  """A mask file must hold a bool array of the right shape for every parameter of ``shapes``."""
+def _check_mask_file(option: str, path: str, shapes: Any) -> float | None:
+  """A mask file must hold a bool array of the right shape for every parameter of ``shapes``.
+
+  Returns the reserve_p the file records, if any.
+  """
   import jax
 
-  masks = _load_mask_file(path)
+  masks, reserve_p = _load_mask_file(path)
   for leaf, like in zip(_tree.leaf_paths(shapes), jax.tree_util.tree_leaves(shapes)):
     if leaf not in masks:
       raise UsageError(f"{option} {path} has no mask for parameter {leaf!r}")
@@ -594,6 +604,7 @@ def _check_mask_file(option: str, path: str, shapes: Any) -> None:
     if got.dtype != np.bool_ or got.shape != tuple(like.shape):
       raise UsageError(f"{option} {path}: the mask of {leaf!r} is {got.dtype}{list(got.shape)}, "
                        f"expected bool{list(like.shape)}")
+  return reserve_p
 
 
 def _check_run_options(args: argparse.Namespace) -> str | None:
@@ -690,7 +701,7 @@ def train_command(args: argparse.Namespace) -> dict:
   _preset_epochs(args, math.ceil(n_train / args.batch_size), filled)
   _check_model(args.model, args.max_seq_length, args.backend)
   _check_mask_files(masks, lambda: loading.param_shapes(args.model, task.num_labels,
-                                                        args.backend))
+                                                        args.backend), args.reserve_p)
   summary = _run_seeds(args, cache, task, lambda seed: _train_config(args, task, seed),
                        lambda cfg, seed_dir: train.run(
                            cfg, train_set, evals, seed_dir, resume=args.resume,
@@ -773,7 +784,8 @@ def multitask_command(args: argparse.Namespace) -> dict:
   _preset_epochs(args, sum(math.ceil(n / args.batch_size) for _, _, n in loaded.values()),
                  filled)
   _check_model(args.model, args.max_seq_length, args.backend)
-  _check_mask_files(masks, lambda: multitask.param_shapes(args.model, tasks, args.backend))
+  _check_mask_files(masks, lambda: multitask.param_shapes(args.model, tasks, args.backend),
+                    args.reserve_p)
   joined = data.Task(",".join(args.tasks), (), "", None,
                      tuple(dict.fromkeys(m for t in tasks for m in t.metrics)), "")
 
@@ -839,8 +851,13 @@ def demo_command(args: argparse.Namespace) -> list:
   return rows
 
 
-def _load_mask_file(path: str) -> dict[str, Any]:
-  """The arrays of a mask ``.npz`` (as written by ``train``), or a one-line error."""
+def _load_mask_file(path: str) -> tuple[dict[str, Any], float | None]:
+  """The masks of a mask ``.npz`` (as written by ``train``) and the reserve_p it records.
+
+  A file that is not one gets a one-line error.
+  """
+  from childtune_jax.app.checkpoints import RESERVE_P_KEY
+
   if not os.path.isfile(path):
     raise UsageError(f"mask file {path} does not exist")
   try:
@@ -852,10 +869,14 @@ def _load_mask_file(path: str) -> dict[str, Any]:
     raise
   except Exception as e:  # noqa: BLE001 - a corrupt file fails in many ways
     raise UsageError(f"cannot read mask {path}: {type(e).__name__}: {e}") from None
+  reserve_p = arrays.pop(RESERVE_P_KEY, None)
+  if reserve_p is not None and (reserve_p.shape or reserve_p.dtype.kind != "f"
+                                or not 0 < reserve_p <= 1):
+    raise UsageError(f"{path}: {RESERVE_P_KEY} is {reserve_p.tolist()}, not a fraction in (0, 1]")
   for name, array in arrays.items():
     if array.dtype != np.bool_:
       raise UsageError(f"{path}: the mask of {name!r} is {array.dtype}, not bool")
-  return arrays
+  return arrays, None if reserve_p is None else float(reserve_p)
 
 
 def overlap_matrices(masks: list[dict], where: Any) -> dict:
@@ -914,7 +935,7 @@ def overlap_command(args: argparse.Namespace) -> dict:
       raise UsageError(f"{option} {path} is a folder; give a file name")
     if path:
       _writable(os.path.dirname(os.path.abspath(path)), option)
-  masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m).items()} for m in args.masks]
+  masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m)[0].items()} for m in args.masks]
   for out in (args.json, args.plot):
     if out:
       os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from childtune_jax.app import data, files, loading, train
-from childtune_jax.app.checkpoints import Checkpoints, load_keep
+from childtune_jax.app.checkpoints import Checkpoints, load_keep, saved_reserve_p
 from childtune_jax.masks import COMBINE, fisher_mask, is_encoder_layer, jaccard, shared_fisher_mask
 
 logger = logging.getLogger(__name__)
@@ -176,14 +176,14 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
     return None
   mask_path = os.path.join(r.out_dir, files.MASK_FILE)
   overlap_path = os.path.join(r.out_dir, files.OVERLAP_FILE)
-  overlap = None
+  overlap, reserve_p = None, cfg.reserve_p
   if resume and os.path.exists(mask_path):
-    keep = load_keep(mask_path, params)
+    keep, reserve_p = load_keep(mask_path, params), saved_reserve_p(mask_path)
     if os.path.exists(overlap_path):
       with open(overlap_path) as f:
         overlap = json.load(f)
   elif cfg.child_mask:
-    keep = train.given_network(r, params)
+    keep, reserve_p = train.given_network(r, params)
   else:
     t = time.perf_counter()
     fishers = [train.fisher_pass(r, loss, params, s) for loss, s in zip(losses, splits)]
@@ -201,7 +201,7 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
                for task, f in zip(cfg.tasks, fishers)}
     if r.primary:  # kept beside the mask: a resumed run reads it instead of the Fisher passes
       files.write_json(overlap_path, overlap)
-  train.record_network(r, keep, mask_path)
+  train.record_network(r, keep, mask_path, reserve_p)
   if overlap is not None:
     r.results["child_network"]["jaccard_with_task_network"] = overlap
     logger.info("Jaccard with each task's own network: %s",

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from childtune_jax import _tree, parallel
 from childtune_jax.app import data, files, loading
-from childtune_jax.app.checkpoints import Checkpoints, load_keep, save_keep
+from childtune_jax.app.checkpoints import Checkpoints, load_keep, save_keep, saved_reserve_p
 from childtune_jax.app.loading import DEFAULT_MODEL
 from childtune_jax.app.metrics import glue_metrics
 from childtune_jax.dynamic import (
@@ -349,10 +349,11 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
   if cfg.mode not in ("D", "random"):
     return None
   mask_path = os.path.join(r.out_dir, files.MASK_FILE)
+  reserve_p = cfg.reserve_p  # what sized the network, saved with it
   if resume and os.path.exists(mask_path):
-    keep = load_keep(mask_path, params)
+    keep, reserve_p = load_keep(mask_path, params), saved_reserve_p(mask_path)
   elif cfg.child_mask:
-    keep = given_network(r, params)
+    keep, reserve_p = given_network(r, params)
   elif cfg.mode == "D":
     t = time.perf_counter()
     keep = fisher_mask(fisher_pass(r, loss_fn, params, splits), cfg.reserve_p,
@@ -362,17 +363,26 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
     size = {"reserve_p": cfg.reserve_p}
     if keep_like_d:
       size = {"count": kept_fraction(load_keep(keep_like_d, params), where=is_encoder_layer)[0]}
+      reserve_p = None
     keep = random_keep(cfg.seed + 1_000_003, params, **size, where=is_encoder_layer)
-  record_network(r, keep, mask_path)
+  record_network(r, keep, mask_path, reserve_p)
   return keep
 
 
-def given_network(r: Run, params: Any) -> Any:
-  """The network of ``cfg.child_mask`` (``{seed}``: this seed's file), its SHA-256 recorded."""
+def given_network(r: Run, params: Any) -> tuple[Any, float | None]:
+  """The network of ``cfg.child_mask`` (``{seed}``: this seed's file) and its saved reserve_p.
+
+  Its SHA-256 goes into results.json. A file that records a reserve_p other than the run's
+  is refused (the CLI checks this before any run starts).
+  """
   given = files.for_seed(r.cfg.child_mask, r.cfg.seed)
+  reserve_p = saved_reserve_p(given)
+  if reserve_p is not None and reserve_p != r.cfg.reserve_p:
+    raise ValueError(f"{given} holds a child network of reserve_p {reserve_p:g}, "
+                     f"not this run's {r.cfg.reserve_p:g}")
   keep = load_keep(given, params)
   r.results["child_mask_sha256"] = files.sha256(given)
-  return keep
+  return keep, reserve_p
 
 
 def fisher_pass(r: Run, loss_fn: Callable, params: Any, splits: Splits) -> Any:
@@ -397,11 +407,15 @@ def fisher_pass(r: Run, loss_fn: Callable, params: Any, splits: Splits) -> Any:
       max_grad_norm=None if per_example else cfg.max_grad_norm)
 
 
-def record_network(r: Run, keep: Any, mask_path: str) -> None:
-  """Saves a fixed child network (gathered by every process) and records and logs its size."""
+def record_network(r: Run, keep: Any, mask_path: str, reserve_p: float | None) -> None:
+  """Saves a fixed child network (gathered by every process) and records and logs its size.
+
+  ``reserve_p``: the fraction that sized it, saved in the file (``None``: unknown, or sized
+  otherwise).
+  """
   host_keep = jax.tree_util.tree_map(parallel.to_host, keep)
   if r.primary:
-    save_keep(mask_path, host_keep)
+    save_keep(mask_path, host_keep, reserve_p=reserve_p)
   kept, total = kept_fraction(keep, where=is_encoder_layer)
   r.results["child_network"] = {"kept": kept, "total": total, "fraction": kept / total}
   logger.info("child network: %d of %d encoder-layer scalars (%.2f%%)%s", kept, total,
