@@ -29,10 +29,28 @@ def save_keep(path: str, keep: Any, *, reserve_p: float | None = None) -> None:
     np.savez_compressed(tmp, **arrays)
 
 
+def split_reserve_p(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float | None]:
+  """A mask file's arrays split into its masks and the ``reserve_p`` it records.
+
+  The record is ``None`` for an older file, or a network not sized by a fraction.
+
+  Raises:
+    ValueError: a record that is not one float in (0, 1].
+  """
+  masks = dict(arrays)
+  reserve_p = masks.pop(RESERVE_P_KEY, None)
+  if reserve_p is None:
+    return masks, None
+  if reserve_p.shape or reserve_p.dtype.kind != "f" or not 0 < reserve_p <= 1:
+    raise ValueError(f"{RESERVE_P_KEY} is {reserve_p.tolist()}, not a fraction in (0, 1]")
+  return masks, float(reserve_p)
+
+
 def saved_reserve_p(path: str) -> float | None:
-  """The ``reserve_p`` a mask file records (``None``: an older file, or not sized by one)."""
+  """The ``reserve_p`` the mask file at ``path`` records, as :func:`split_reserve_p`."""
   with np.load(path) as f:
-    return float(f[RESERVE_P_KEY]) if RESERVE_P_KEY in f.files else None
+    record = {RESERVE_P_KEY: f[RESERVE_P_KEY]} if RESERVE_P_KEY in f.files else {}
+  return split_reserve_p(record)[1]
 
 
 def load_keep(path: str, like: Any) -> Any:

@@ -856,7 +856,7 @@ def _load_mask_file(path: str) -> tuple[dict[str, Any], float | None]:
 
   A file that is not one gets a one-line error.
   """
-  from childtune_jax.app.checkpoints import RESERVE_P_KEY
+  from childtune_jax.app.checkpoints import split_reserve_p
 
   if not os.path.isfile(path):
     raise UsageError(f"mask file {path} does not exist")
@@ -869,14 +869,14 @@ def _load_mask_file(path: str) -> tuple[dict[str, Any], float | None]:
     raise
   except Exception as e:  # noqa: BLE001 - a corrupt file fails in many ways
     raise UsageError(f"cannot read mask {path}: {type(e).__name__}: {e}") from None
-  reserve_p = arrays.pop(RESERVE_P_KEY, None)
-  if reserve_p is not None and (reserve_p.shape or reserve_p.dtype.kind != "f"
-                                or not 0 < reserve_p <= 1):
-    raise UsageError(f"{path}: {RESERVE_P_KEY} is {reserve_p.tolist()}, not a fraction in (0, 1]")
-  for name, array in arrays.items():
+  try:
+    masks, reserve_p = split_reserve_p(arrays)
+  except ValueError as e:
+    raise UsageError(f"{path}: {e}") from None
+  for name, array in masks.items():
     if array.dtype != np.bool_:
       raise UsageError(f"{path}: the mask of {name!r} is {array.dtype}, not bool")
-  return arrays, None if reserve_p is None else float(reserve_p)
+  return masks, reserve_p
 
 
 def overlap_matrices(masks: list[dict], where: Any) -> dict:
