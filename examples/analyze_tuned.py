@@ -68,8 +68,10 @@ def load_task(root: str) -> dict:
       curves.setdefault(method, {})[point] = runs
   choice_path = os.path.join(root, "choice.json")
   choices = _read(choice_path) if os.path.exists(choice_path) else {}
-  tests = {os.path.basename(f): _runs(f)
-           for f in sorted(glob.glob(os.path.join(root, "test", "*")))}
+  tests = {}
+  for folder in sorted(glob.glob(os.path.join(root, "test", "*"))):
+    if runs := _runs(folder):  # a method whose first test run is still going has none
+      tests[os.path.basename(folder)] = runs
   return {"grid": grid, "curves": curves, "choices": choices, "tests": tests}
 
 

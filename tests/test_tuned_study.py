@@ -389,3 +389,12 @@ def test_glue_average_pairs_the_four_tasks_mean_per_seed():
   assert rows["dynamic"][5] == f"{(dyn > d).sum()} / {(dyn < d).sum()}"
   assert rows["D"][4] == ""
   assert analyze.glue_average({t: tasks[t] for t in ("sst2", "cola", "mrpc")}) == []
+
+
+def test_a_method_whose_first_test_run_is_unfinished_is_not_reported(tmp_path):
+  analyze = _load("analyze_tuned")
+  root = tmp_path / "snli"
+  _write(root / "test" / "vanilla" / "seed-101" / "results.json",
+         {"metrics": {"heldout": {"accuracy": 0.8}, "sick/test": {"accuracy": 0.5}}})
+  os.makedirs(root / "test" / "F" / "seed-101" / "checkpoints" / "100")  # running
+  assert list(analyze.load_task(str(root))["tests"]) == ["vanilla"]
