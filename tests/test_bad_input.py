@@ -159,21 +159,11 @@ def test_resume_refuses_another_configuration_naming_the_fields(fin, capsys):
 
 
 def test_killed_d_run_resumed_with_another_p_or_as_random_is_refused(tmp_path, capsys,
-                                                                     monkeypatch):
+                                                                     dies_at_batch):
   out = str(tmp_path / "killed")
-  real = data.make_batch
-  calls = {"n": 0}
-
-  def dying(*a, **k):
-    calls["n"] += 1
-    if calls["n"] > 6:  # after the Fisher pass (4 batches) and the first train steps
-      raise RuntimeError("killed")
-    return real(*a, **k)
-
-  monkeypatch.setattr(data, "make_batch", dying)
-  with pytest.raises(RuntimeError):
+  # Dies after the Fisher pass (4 batches) and the first train steps.
+  with dies_at_batch(7, RuntimeError), pytest.raises(RuntimeError):
     cli.main([*BASE, "--mode", "D", "--save-every", "1", "--output-dir", out])
-  monkeypatch.setattr(data, "make_batch", real)
   shutil.rmtree(os.path.join(out, "seed-42", "checkpoints"))
   before = snapshot(out)
   _fails(capsys, [*BASE, "--mode", "D", "--reserve-p", "0.05", "--output-dir", out,
@@ -392,20 +382,11 @@ def test_overlap_of_an_empty_network_with_itself_is_one(tmp_path, capsys):
   _fails(capsys, ["overlap", str(empty), str(full), "--json", str(tmp_path)], 2, "is a folder")
 
 
-def test_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+def test_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, dies_at_batch):
   out = str(tmp_path / "damaged")
   argv = [*BASE, "--mode", "F", "--save-every", "2", "--output-dir", out]
-  real, calls = data.make_batch, {"n": 0}
-
-  def dying(*a, **k):
-    calls["n"] += 1
-    if calls["n"] == 4:
-      raise KeyboardInterrupt
-    return real(*a, **k)
-
-  monkeypatch.setattr(data, "make_batch", dying)
-  assert cli.main(argv) == 130
-  monkeypatch.setattr(data, "make_batch", real)
+  with dies_at_batch(4):
+    assert cli.main(argv) == 130
   capsys.readouterr()
   for root, _, names in os.walk(os.path.join(out, "seed-42", "checkpoints")):
     for name in names:

@@ -116,28 +116,15 @@ def test_own_csv_files_and_overlap(tmp_path, capsys):
   assert result["jaccard"][0][0] == result["overlap"][1][1] == 1.0
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+def test_resume_equals_uninterrupted(tmp_path, capsys, dies_at_batch):
   args = ["train", "--task", "mrpc", "--mode", "F", *FAST, "--epochs", "2", "--save-every", "3"]
   full = str(tmp_path / "full")
   assert cli.main(args + ["--output-dir", full]) == 0
 
-  class Killed(Exception):
-    pass
-
-  calls = {"n": 0}
-  real = data.make_batch
-
-  def dying(*a, **k):
-    calls["n"] += 1
-    if calls["n"] == 8:  # dies in the last step, after the checkpoint of step 6 (epoch 2)
-      raise Killed
-    return real(*a, **k)
-
   part = str(tmp_path / "part")
-  monkeypatch.setattr(data, "make_batch", dying)
-  with pytest.raises(Killed):
+  # Dies in the last step, after the checkpoint of step 6 (epoch 2).
+  with dies_at_batch(8, RuntimeError), pytest.raises(RuntimeError):
     cli.main(args + ["--output-dir", part])
-  monkeypatch.setattr(data, "make_batch", real)
   assert os.path.isdir(os.path.join(part, "seed-42", "checkpoints", "6"))
   other = ["train", "--task", "mrpc", "--mode", "vanilla", *FAST, "--epochs", "2"]
   assert cli.main(other + ["--output-dir", part, "--resume"]) == 2  # another configuration

@@ -352,10 +352,10 @@ def test_dynamic_adam_keeps_no_score_of_its_own():
 
 
 @pytest.mark.parametrize("score", ["ema", "adam"])
-def test_cli_dynamic_resumes_bitwise_with_its_network_history(score, tmp_path, monkeypatch):
+def test_cli_dynamic_resumes_bitwise_with_its_network_history(score, tmp_path, dies_at_batch):
   import os
 
-  from childtune_jax.app import cli, data
+  from childtune_jax.app import cli
 
   here = os.path.dirname(__file__)
   args = ["train", "--task", "mrpc", "--mode", "dynamic", "--reserve-p", "0.3", "--every", "2",
@@ -374,23 +374,10 @@ def test_cli_dynamic_resumes_bitwise_with_its_network_history(score, tmp_path, m
   full = str(tmp_path / "full")
   assert cli.main(args + ["--output-dir", full]) == 0
 
-  class Killed(Exception):
-    pass
-
-  calls = {"n": 0}
-  real = data.make_batch
-
-  def dying(*a, **k):
-    calls["n"] += 1
-    if calls["n"] == 8:  # dies in the last step, after the checkpoint of step 6
-      raise Killed
-    return real(*a, **k)
-
   part = str(tmp_path / "part")
-  monkeypatch.setattr(data, "make_batch", dying)
-  with pytest.raises(Killed):
+  # Dies in the last step, after the checkpoint of step 6.
+  with dies_at_batch(8, RuntimeError), pytest.raises(RuntimeError):
     cli.main(args + ["--output-dir", part])
-  monkeypatch.setattr(data, "make_batch", real)
   assert cli.main(args + ["--output-dir", part, "--resume"]) == 0
   a, b = results(full), results(part)
   assert a["metrics"] == b["metrics"] and a["train_losses"] == b["train_losses"]

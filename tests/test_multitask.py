@@ -153,21 +153,13 @@ def test_a_network_of_other_shapes_is_refused_before_anything_runs(tmp_path, cap
     assert not out.exists()
 
 
-def test_multitask_resumes_bitwise_and_scores_each_task_with_its_own_head(tmp_path, monkeypatch):
+def test_multitask_resumes_bitwise_and_scores_each_task_with_its_own_head(tmp_path,
+                                                                          dies_at_batch):
   whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
   argv = [*ARGS, "--mode", "F", "--save-every", "3"]
   assert cli.main([*argv, "--output-dir", whole]) == 0
-  real, calls = data.make_batch, [0]
-
-  def dying(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == 5:
-      raise KeyboardInterrupt
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(data, "make_batch", dying)
-  assert cli.main([*argv, "--output-dir", part]) == 130
-  monkeypatch.setattr(data, "make_batch", real)
+  with dies_at_batch(5):
+    assert cli.main([*argv, "--output-dir", part]) == 130
   assert cli.main([*argv, "--output-dir", part, "--resume"]) == 0
   a, b = _results(whole), _results(part)
   assert a["train_losses"] == b["train_losses"] and a["metrics"] == b["metrics"]
