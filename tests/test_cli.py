@@ -264,9 +264,9 @@ def test_init_seed_sets_the_head_initialisation_apart_from_the_seed(tmp_path, mo
   calls = []
   load_classifier = loading.load_classifier
 
-  def spy(name, num_labels, seed, *rest):
+  def spy(name, num_labels, seed, *rest, **kwargs):
     calls.append(seed)
-    return load_classifier(name, num_labels, seed, *rest)
+    return load_classifier(name, num_labels, seed, *rest, **kwargs)
 
   monkeypatch.setattr(loading, "load_classifier", spy)
   out = str(tmp_path / "run")

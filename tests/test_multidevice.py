@@ -131,3 +131,17 @@ def test_half_precision_checkpoint_trains_float32_master_weights(tmp_path, caplo
                    "--output-dir", out]) == 0
   res = _results(out)
   assert res["device"]["dtype"] == "bfloat16" and np.isfinite(res["train_losses"]).all()
+
+
+def test_evaluate_on_eight_devices_equals_one(tmp_path):
+  out = str(tmp_path / "run")
+  argv = [a for a in BASE if a != "--no-save-model"]
+  assert cli.main([*argv, "--mode", "vanilla", "--output-dir", out]) == 0
+  score = ["evaluate", "--model", os.path.join(out, "seed-42", "model"), "--task", "mrpc",
+           "--data-dir", GLUE, "--max-seq-length", "32", "--batch-size", "5"]  # 8 on 8 devices
+  one, many = str(tmp_path / "one.json"), str(tmp_path / "many.json")
+  assert cli.main([*score, "--json", one]) == 0
+  _run8([{"argv": [*score, "--json", many]}])
+  with open(one) as a, open(many) as b:
+    one, many = json.load(a), json.load(b)
+  assert many["metrics"] == one["metrics"] == _results(out)["metrics"]

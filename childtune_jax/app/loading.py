@@ -80,16 +80,25 @@ class Classifier:
 
 
 def load_classifier(name: str, num_labels: int, seed: int, dtype: Any = jnp.float32,
-                    backend: str = "nnx") -> tuple[Classifier, Any]:
+                    backend: str = "nnx", *, labels: tuple[str, ...] | None = None,
+                    trained_head: bool = False) -> tuple[Classifier, Any]:
   """A :class:`Classifier` and its tokenizer from a local folder (or the hub, with a network).
 
   ``backend="nnx"`` builds :class:`childtune_jax.models.SequenceClassifier` (BERT, RoBERTa,
   ELECTRA; safetensors or Flax weights, no torch, any transformers version);
-  ``"hf-flax"`` uses transformers' Flax classes (transformers < 5 only).
+  ``"hf-flax"`` uses transformers' Flax classes (transformers < 5 only). ``labels``: the
+  class names that ``save`` records in the config (``id2label``). ``trained_head``: the
+  classification head must come from the checkpoint (to evaluate a fine-tuned model; nnx
+  only); a model without one is a :class:`ModelError`.
   """
   if backend == "hf-flax":
+    if trained_head:
+      raise ModelError("evaluating a fine-tuned model reads it with the nnx backend")
     require_hf_flax()
     model, tokenizer = load_model(name, num_labels, seed, dtype)
+    if labels:
+      model.config.id2label = dict(enumerate(labels))
+      model.config.label2id = {label: i for i, label in enumerate(labels)}
 
     def apply(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
       return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
@@ -100,7 +109,7 @@ def load_classifier(name: str, num_labels: int, seed: int, dtype: Any = jnp.floa
       tokenizer.save_pretrained(folder)
 
     return Classifier(model.params, apply, save), tokenizer
-  return _load_nnx(name, num_labels, seed, dtype)
+  return _load_nnx(name, num_labels, seed, dtype, labels, trained_head)
 
 
 def param_shapes(name: str, num_labels: int, backend: str = "nnx") -> Any:
@@ -151,7 +160,8 @@ def require_hf_flax() -> None:
                      f"(installed: {transformers.__version__}); use --backend nnx")
 
 
-def _local_folder(name: str) -> str:
+def local_folder(name: str) -> str:
+  """The folder of a local model, or of a hub model's files, downloaded (needs a network)."""
   path = resolve_model_path(name)
   if os.path.isdir(path):
     return path
@@ -167,16 +177,20 @@ def _local_folder(name: str) -> str:
                      "pass a local folder with --model DIR") from None
 
 
-def _load_nnx(name: str, num_labels: int, seed: int, dtype: Any) -> tuple[Classifier, Any]:
+def _load_nnx(name: str, num_labels: int, seed: int, dtype: Any,
+              labels: tuple[str, ...] | None = None, trained_head: bool = False
+              ) -> tuple[Classifier, Any]:
   from flax import nnx
 
   from childtune_jax import models
 
-  path = _local_folder(name)
+  path = local_folder(name)
   try:
     cfg = models.EncoderConfig.from_file(os.path.join(path, "config.json"), num_labels=num_labels)
     model = models.SequenceClassifier(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
     tensors = models.loading.read_checkpoint(path)
+    if tensors is None and trained_head:
+      raise ModelError(f"the model in {path} has no weights")
     if tensors is None:
       logger.warning("%s has no weights: initialising the model at random", path)
     else:
@@ -184,7 +198,10 @@ def _load_nnx(name: str, num_labels: int, seed: int, dtype: Any) -> tuple[Classi
       if half:
         logger.info("the checkpoint's weights are %s: training float32 master weights",
                     "/".join(half))
-      models.load_params(model, tensors)
+      new = models.load_params(model, tensors)
+      if new and trained_head:
+        raise ModelError(f"the model in {path} has no trained classification head ({new[0]}): "
+                         "evaluate a fine-tuned model, e.g. a train run's OUT/seed-N/model")
     tokenizer = load_tokenizer(path)
   except ModelError:
     raise
@@ -202,7 +219,7 @@ def _load_nnx(name: str, num_labels: int, seed: int, dtype: Any) -> tuple[Classi
                                         batch["token_type_ids"], rngs=rngs)
 
   def save(folder: str, params: Any) -> None:
-    models.save_pretrained(nnx.merge(graphdef, jax.device_get(params)), folder)
+    models.save_pretrained(nnx.merge(graphdef, jax.device_get(params)), folder, labels=labels)
     tokenizer.save_pretrained(folder)
 
   return Classifier(params, apply, save), tokenizer

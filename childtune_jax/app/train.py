@@ -265,7 +265,7 @@ def classifier_for(cfg: TrainConfig, task: data.Task) -> tuple[loading.Classifie
   """The run's model for ``task`` (``cfg.dtype`` compute, head from the init seed), tokenizer."""
   init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
   return loading.load_classifier(cfg.model, task.num_labels, init_seed,
-                                 getattr(jnp, cfg.dtype), cfg.backend)
+                                 getattr(jnp, cfg.dtype), cfg.backend, labels=task.labels)
 
 
 def make_splits(cfg: TrainConfig, tokenizer: Any, train_set: data.Examples,
@@ -520,22 +520,30 @@ def make_train_step(r: Run, loss_fn: Callable, tx: optax.GradientTransformation,
 
 def make_evaluate(r: Run, logits_fn: Callable, splits: Splits) -> Callable:
   """``evaluate(params, name) -> metrics`` of the named evaluation split, sharded by rows."""
-  eval_logits = jax.jit(logits_fn, out_shardings=parallel.replicated(r.mesh))  # all rows, each host
-  sharding = parallel.batch_sharding(r.mesh)
-  cfg, rows = r.cfg, r.eval_rows
+  return evaluator(r.task, r.mesh, logits_fn, splits.evals, splits.pad_id, rows=r.eval_rows,
+                   max_seq_length=r.cfg.max_seq_length, pad_multiple=r.cfg.pad_multiple)
+
+
+def evaluator(task: data.Task, mesh: jax.sharding.Mesh, logits_fn: Callable,
+              evals: dict[str, data.Encoded], pad_id: int, *, rows: int, max_seq_length: int,
+              pad_multiple: int) -> Callable:
+  """``evaluate(params, name) -> metrics`` of ``evals[name]``: ``task``'s metrics of
+  ``logits_fn(params, batch)``, ``rows`` (a multiple of the mesh's devices) at a time."""
+  eval_logits = jax.jit(logits_fn, out_shardings=parallel.replicated(mesh))  # all rows, each host
+  sharding = parallel.batch_sharding(mesh)
 
   def evaluate(params: Any, name: str) -> dict[str, float]:
-    enc = splits.evals[name]
+    enc = evals[name]
     outs = []
-    for batch in tqdm(data.batches(enc, rows, cfg.max_seq_length, splits.pad_id,
-                                   pad_rows=True, bucket=cfg.pad_multiple),
+    for batch in tqdm(data.batches(enc, rows, max_seq_length, pad_id,
+                                   pad_rows=True, bucket=pad_multiple),
                       total=math.ceil(len(enc) / rows), desc=f"eval {name}",
                       disable=None, leave=False):
       logits = eval_logits(params, parallel.put_batch(batch, sharding))
       outs.append(np.asarray(jax.device_get(logits), np.float32))
     logits = np.concatenate(outs)[:len(enc)]
-    preds = logits[:, 0] if r.task.is_regression else logits.argmax(-1)
-    return glue_metrics(r.task.metrics, preds, enc.labels)
+    preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
+    return glue_metrics(task.metrics, preds, enc.labels)
 
   return evaluate
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -137,11 +138,13 @@ def to_pytorch_layout(model: SequenceClassifier) -> dict[str, np.ndarray]:
   return flax_to_pytorch_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def save_pretrained(model: SequenceClassifier, folder: str, config: dict | None = None) -> None:
+def save_pretrained(model: SequenceClassifier, folder: str, config: dict | None = None,
+                    labels: Sequence[str] | None = None) -> None:
   """Writes ``config.json`` and ``model.safetensors`` in Hugging Face's layout.
 
   ``transformers``' ``AutoModelForSequenceClassification.from_pretrained(folder)`` (PyTorch,
-  any version) loads the result.
+  any version) loads the result. ``labels``: the class names in order, recorded as the
+  config's ``id2label`` (default ``LABEL_0``, ``LABEL_1``, ...).
   """
   from safetensors.numpy import save_file
 
@@ -151,7 +154,10 @@ def save_pretrained(model: SequenceClassifier, folder: str, config: dict | None 
           "electra": "ElectraForSequenceClassification"}[cfg.model_type]
   out = {**(config or {}), **{k: v for k, v in vars(cfg).items() if v is not None},
          "architectures": [arch]}
-  out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+  names = list(labels) if labels else [f"LABEL_{i}" for i in range(cfg.num_labels)]
+  if len(names) != cfg.num_labels:
+    raise ValueError(f"{len(names)} label names for a model of {cfg.num_labels} labels")
+  out["id2label"] = {str(i): name for i, name in enumerate(names)}
   out["label2id"] = {v: int(k) for k, v in out["id2label"].items()}
   out.pop("num_labels", None)
   with open(os.path.join(folder, "config.json"), "w") as f:
