@@ -164,3 +164,8 @@ def test_bad_evaluations_are_one_line_and_exit_2(snli_run, tmp_path, capsys):
   _fails(capsys, [*base, "--model", model_dir, "--json", str(tmp_path)], "is a folder")
   _fails(capsys, [*base, "--model", model_dir, "--max-seq-length", "4096"], "exceeds the")
   assert sorted(os.listdir(tmp_path)) == ["headless"]  # nothing written by a failure
+
+
+def test_a_trained_head_is_read_with_the_nnx_backend_only():
+  with pytest.raises(loading.ModelError, match="with the nnx backend"):
+    loading.load_classifier(TINY, 2, 0, backend="hf-flax", trained_head=True)
