@@ -573,6 +573,13 @@ def _writable(out: str, option: str = "--output-dir") -> None:
     raise UsageError(f"{option} {out}: {parent} is not writable")
 
 
+def _writable_file(path: str, option: str) -> None:
+  """Fails early on an output file that is a folder, or whose folder cannot be written."""
+  if os.path.isdir(path):
+    raise UsageError(f"{option} {path} is a folder; give a file name")
+  _writable(os.path.dirname(os.path.abspath(path)), option)
+
+
 def _check_same_run(seed_dir: str, cfg: Any) -> None:
   """Refuses to resume (or reuse) a seed folder that another configuration wrote."""
   for name in (files.RESULTS_FILE, files.RUN_FILE):
@@ -847,9 +854,14 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
                    else f"{100 * m['mean']:.2f} ± {100 * m['std']:.2f}")
     cells.append(str(len(summary["seeds"])))
     lines.append(cells)
-  widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
+  return _text_table([header] + lines)
+
+
+def _text_table(rows: list[list[str]]) -> str:
+  """``rows`` (the first the header) in left-aligned columns, a rule under the header."""
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-  return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+  return "\n".join([fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]])
 
 
 def _evaluation_splits(args: argparse.Namespace, task: data.Task) -> dict[str, data.Examples]:
@@ -883,21 +895,16 @@ def evaluate_command(args: argparse.Namespace) -> dict:
 
   task = data.TASKS[args.task]
   if args.json:
-    if os.path.isdir(args.json):
-      raise UsageError(f"--json {args.json} is a folder; give a file name")
-    _writable(os.path.dirname(os.path.abspath(args.json)), "--json")
+    _writable_file(args.json, "--json")
   _check_model(args.model, args.max_seq_length)
   evals = _evaluation_splits(args, task)
   result = evaluate.run(args.model, task, evals, batch_size=args.batch_size,
                         max_seq_length=args.max_seq_length, pad_multiple=args.pad_multiple,
                         label_names=not args.ignore_label_names)
   names = list(task.metrics)
-  rows = [["split", *names, "examples"]] + [
+  print(_text_table([["split", *names, "examples"]] + [
       [name, *("undefined" if m[k] is None else f"{100 * m[k]:.2f}" for k in names),
-       str(result["examples"][name])] for name, m in result["metrics"].items()]
-  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  for row in rows[:1] + [["-" * w for w in widths]] + rows[1:]:
-    print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+       str(result["examples"][name])] for name, m in result["metrics"].items()]))
   if args.json and parallel.is_primary():
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     files.write_json(args.json, result)
@@ -1018,10 +1025,8 @@ def overlap_command(args: argparse.Namespace) -> dict:
                                                                   ".jpg", ".jpeg"):
     raise UsageError(f"--plot {args.plot}: use a .png, .svg, .pdf or .jpg file name")
   for option, path in (("--json", args.json), ("--plot", args.plot)):
-    if path and os.path.isdir(path):
-      raise UsageError(f"{option} {path} is a folder; give a file name")
     if path:
-      _writable(os.path.dirname(os.path.abspath(path)), option)
+      _writable_file(path, option)
   masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m)[0].items()} for m in args.masks]
   for out in (args.json, args.plot):
     if out:
