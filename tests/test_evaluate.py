@@ -32,7 +32,7 @@ def snli_run(tmp_path_factory):
 
 
 def _by_hand(model_dir, examples, columns=(0, 1, 2)):
-  """Accuracy from the saved model, one pair at a time (no batching, padding or jit)."""
+  """Predicted classes from the saved model, one pair at a time (no batching, padding or jit)."""
   from transformers import AutoTokenizer
 
   from childtune_jax.models import from_pretrained
@@ -40,12 +40,16 @@ def _by_hand(model_dir, examples, columns=(0, 1, 2)):
   model, new = from_pretrained(model_dir, num_labels=3)
   assert not new
   tok = AutoTokenizer.from_pretrained(model_dir)
-  correct = 0
-  for a, b, label in zip(*examples.texts, examples.labels):
+  predictions = []
+  for a, b in zip(*examples.texts):
     enc = tok([a], [b], truncation=True, max_length=32, return_tensors="np")
     logits = np.asarray(model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
-    correct += int(np.argmax(logits[0][list(columns)]) == label)
-  return correct / len(examples)
+    predictions.append(int(np.argmax(logits[0][list(columns)])))
+  return np.array(predictions)
+
+
+def _accuracy(model_dir, examples, columns=(0, 1, 2)):
+  return float(np.mean(_by_hand(model_dir, examples, columns) == examples.labels))
 
 
 def test_a_saved_snli_model_scores_sick_as_its_run_did_and_as_computed_by_hand(
@@ -66,13 +70,26 @@ def test_a_saved_snli_model_scores_sick_as_its_run_did_and_as_computed_by_hand(
   assert result["metrics"]["test"]["accuracy"] == pytest.approx(
       run["metrics"]["sick/test"]["accuracy"])
   for part, examples in sick.items():
-    assert result["metrics"][part]["accuracy"] == pytest.approx(_by_hand(model_dir, examples))
+    predictions = _by_hand(model_dir, examples)
+    assert result["metrics"][part]["accuracy"] == pytest.approx(
+        np.mean(predictions == examples.labels))
+    counts = np.zeros((3, 3), int)
+    for gold, predicted in zip(examples.labels, predictions):
+      counts[gold, predicted] += 1
+    assert result["confusion"][part] == counts.tolist()
   assert result["label_columns"] is None
   printed = capsys.readouterr().out.splitlines()
   assert printed[0].split() == ["split", "accuracy", "examples"]
   test_row = next(line.split() for line in printed if line.startswith("test "))
   assert test_row == ["test", f"{100 * result['metrics']['test']['accuracy']:.2f}",
                       str(len(sick["test"]))]
+  table = printed[printed.index("test: examples by gold label (rows) and prediction (columns)"):]
+  assert table[1].split() == ["gold", "\\", "predicted", "entailment", "neutral",
+                              "contradiction", "all"]
+  matrix = result["confusion"]["test"]
+  for line, label, row in zip(table[3:6], SNLI.labels, matrix):
+    assert line.split() == [label, *map(str, row), str(sum(row))]
+  assert table[6].split() == ["all", *(str(sum(c)) for c in zip(*matrix)), str(len(sick["test"]))]
 
 
 def _reordered(model_dir, folder, order, names):
@@ -109,9 +126,10 @@ def test_classes_in_another_order_are_matched_by_name(snli_run, tmp_path):
   assert matched["metrics"] == own["metrics"]
   sick = data.read_split(data.TASKS["sick"], NLI, "test")
   assert ignored["metrics"]["test"]["accuracy"] == pytest.approx(
-      _by_hand(hub, sick, columns=(0, 1, 2)))
+      _accuracy(hub, sick, columns=(0, 1, 2)))
   assert matched["metrics"]["test"]["accuracy"] == pytest.approx(
-      _by_hand(hub, sick, columns=(2, 1, 0)))
+      _accuracy(hub, sick, columns=(2, 1, 0)))
+  assert matched["confusion"] == own["confusion"]
 
 
 @pytest.mark.parametrize("names, expected", [

@@ -864,6 +864,14 @@ def _text_table(rows: list[list[str]]) -> str:
   return "\n".join([fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]])
 
 
+def _confusion_table(labels: tuple[str, ...], matrix: list[list[int]]) -> str:
+  """A confusion matrix with each row's and column's total."""
+  rows = [[label, *row] for label, row in zip(labels, matrix)]
+  rows.append(["all", *map(sum, zip(*matrix))])
+  return _text_table([["gold \\ predicted", *labels, "all"]]
+                     + [[name, *map(str, counts), str(sum(counts))] for name, *counts in rows])
+
+
 def _evaluation_splits(args: argparse.Namespace, task: data.Task) -> dict[str, data.Examples]:
   """``childtune evaluate``'s splits by name, read (and checked) before the model loads."""
   eval_tasks = _eval_tasks(args.eval_task, task)
@@ -905,6 +913,9 @@ def evaluate_command(args: argparse.Namespace) -> dict:
   print(_text_table([["split", *names, "examples"]] + [
       [name, *("undefined" if m[k] is None else f"{100 * m[k]:.2f}" for k in names),
        str(result["examples"][name])] for name, m in result["metrics"].items()]))
+  for name, matrix in (result["confusion"] or {}).items():
+    print(f"\n{name}: examples by gold label (rows) and prediction (columns)")
+    print(_confusion_table(task.labels, matrix))
   if args.json and parallel.is_primary():
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     files.write_json(args.json, result)

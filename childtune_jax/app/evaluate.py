@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from childtune_jax import parallel
 from childtune_jax.app import data, loading, train
+from childtune_jax.app.metrics import confusion, glue_metrics
 
 UNNAMED = re.compile(r"LABEL_\d+")  # transformers' names for classes nobody named
 
@@ -76,11 +77,16 @@ def run(model: str, task: data.Task, evals: dict[str, data.Examples], *, batch_s
   mesh = parallel.make_mesh(parallel.parse_mesh(None, devices))
   params = jax.device_put(classifier.params, parallel.shardings_by_shape(mesh, classifier.params))
   encoded = {name: data.encode(tokenizer, v, max_seq_length) for name, v in evals.items()}
-  evaluate = train.evaluator(task, mesh, logits_fn, encoded, tokenizer.pad_token_id or 0,
-                             rows=-(-batch_size // devices) * devices,
-                             max_seq_length=max_seq_length, pad_multiple=pad_multiple)
+  predict = train.predictor(task, mesh, logits_fn, encoded, tokenizer.pad_token_id or 0,
+                            rows=-(-batch_size // devices) * devices,
+                            max_seq_length=max_seq_length, pad_multiple=pad_multiple)
+  predictions = {name: predict(params, name) for name in evals}
   return {"model": model, "task": task.name,
-          "metrics": {name: evaluate(params, name) for name in evals},
+          "metrics": {name: glue_metrics(task.metrics, p, evals[name].labels)
+                      for name, p in predictions.items()},
+          "confusion": None if task.is_regression else {
+              name: confusion(p, evals[name].labels, task.num_labels)
+              for name, p in predictions.items()},
           "examples": {name: len(v) for name, v in evals.items()},
           "data_sha256": {name: v.digest() for name, v in evals.items()},
           "label_columns": columns,

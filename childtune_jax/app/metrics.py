@@ -39,3 +39,8 @@ def glue_metrics(names: tuple[str, ...], predictions: np.ndarray, labels: np.nda
       logger.warning("%s is undefined here (a constant column?): reported as null", name)
       out[name] = None
   return out
+
+
+def confusion(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> list[list[int]]:
+  """Counts of examples by gold label (rows) and predicted class (columns), both ``0..n-1``."""
+  return skm.confusion_matrix(labels, predictions, labels=list(range(num_labels))).tolist()

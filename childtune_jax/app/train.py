@@ -529,10 +529,24 @@ def evaluator(task: data.Task, mesh: jax.sharding.Mesh, logits_fn: Callable,
               pad_multiple: int) -> Callable:
   """``evaluate(params, name) -> metrics`` of ``evals[name]``: ``task``'s metrics of
   ``logits_fn(params, batch)``, ``rows`` (a multiple of the mesh's devices) at a time."""
+  predict = predictor(task, mesh, logits_fn, evals, pad_id, rows=rows,
+                      max_seq_length=max_seq_length, pad_multiple=pad_multiple)
+
+  def evaluate(params: Any, name: str) -> dict[str, float]:
+    return glue_metrics(task.metrics, predict(params, name), evals[name].labels)
+
+  return evaluate
+
+
+def predictor(task: data.Task, mesh: jax.sharding.Mesh, logits_fn: Callable,
+              evals: dict[str, data.Encoded], pad_id: int, *, rows: int, max_seq_length: int,
+              pad_multiple: int) -> Callable:
+  """``predict(params, name)``: the predicted class of each example of ``evals[name]`` (its
+  score, for regression), in order, as :func:`evaluator` scores them."""
   eval_logits = jax.jit(logits_fn, out_shardings=parallel.replicated(mesh))  # all rows, each host
   sharding = parallel.batch_sharding(mesh)
 
-  def evaluate(params: Any, name: str) -> dict[str, float]:
+  def predict(params: Any, name: str) -> np.ndarray:
     enc = evals[name]
     outs = []
     for batch in tqdm(data.batches(enc, rows, max_seq_length, pad_id,
@@ -542,10 +556,9 @@ def evaluator(task: data.Task, mesh: jax.sharding.Mesh, logits_fn: Callable,
       logits = eval_logits(params, parallel.put_batch(batch, sharding))
       outs.append(np.asarray(jax.device_get(logits), np.float32))
     logits = np.concatenate(outs)[:len(enc)]
-    preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
-    return glue_metrics(task.metrics, preds, enc.labels)
+    return logits[:, 0] if task.is_regression else logits.argmax(-1)
 
-  return evaluate
+  return predict
 
 
 def restore_or_start(r: Run, plan: Plan, ckpt: Checkpoints, params: Any, opt_state: Any,
