@@ -142,7 +142,7 @@ def dynamic_against_d(tasks: dict[str, dict]) -> list[str]:
     tests = info["tests"]
     if task == MULTI or "dynamic" not in tests or "D" not in tests:
       continue
-    splits = (IN_DOMAIN, TRANSFER) if task == "snli" else ("dev",)
+    splits = (IN_DOMAIN, TRANSFER, "gap") if task == "snli" else ("dev",)
     metrics = (METRIC[task], *([ALSO[task]] if task in ALSO else []))
     for split in splits:
       for metric in metrics:

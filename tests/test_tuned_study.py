@@ -358,6 +358,31 @@ def test_dynamic_is_paired_with_fixed_d_and_vanilla_per_task_and_metric():
   assert analyze.dynamic_against_d({"cola": tasks["cola"]}) == []
 
 
+def test_dynamic_is_paired_with_fixed_d_in_domain_out_of_domain_and_on_the_gap():
+  analyze = _load("analyze_tuned")
+  rng = np.random.default_rng(3)
+  seeds = (101, 102, 103)
+  splits = ("heldout", "sick/test")
+  tests = {m: {s: {"metrics": {split: {"accuracy": float(rng.random())} for split in splits}}
+               for s in seeds} for m in ("vanilla", "D", "dynamic")}
+  rows = [line for line in analyze.dynamic_against_d({"snli": {"tests": tests}})
+          if line.startswith("| snli |")]
+  assert [row.split("|")[2].strip() for row in rows] == [
+      "heldout accuracy", "sick/test accuracy", "gap accuracy"]
+
+  def score(method, split):
+    return 100 * np.array([tests[method][s]["metrics"][split]["accuracy"] for s in seeds])
+
+  for row, split in zip(rows, splits):
+    cells = [c.strip() for c in row.split("|")[3:-1]]
+    assert cells[0].startswith(f"{(score('dynamic', split) - score('D', split)).mean():+.2f} [")
+  gap = {m: score(m, "heldout") - score(m, "sick/test") for m in ("dynamic", "D", "vanilla")}
+  cells = [c.strip() for c in rows[2].split("|")[3:-1]]
+  assert cells[0].startswith(f"{(gap['dynamic'] - gap['D']).mean():+.2f} [")
+  assert cells[1] == f"{(gap['dynamic'] > gap['D']).sum()} / {(gap['dynamic'] < gap['D']).sum()}"
+  assert cells[2].startswith(f"{(gap['dynamic'] - gap['vanilla']).mean():+.2f} [")
+
+
 def test_glue_average_pairs_the_four_tasks_mean_per_seed():
   analyze = _load("analyze_tuned")
   rng = np.random.default_rng(3)
