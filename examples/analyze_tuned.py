@@ -404,17 +404,35 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
 
 
 def transfer_plot(out: str, info: dict, plt: object) -> None:
-  """In-domain (held-out SNLI) against SICK accuracy, one point per test seed and method."""
-  fig, ax = plt.subplots(figsize=(5.2, 4.4))
-  for method, runs in info["tests"].items():
-    seeds = sorted(runs)
-    x = [100 * runs[s]["metrics"][IN_DOMAIN]["accuracy"] for s in seeds]
-    y = [100 * runs[s]["metrics"][TRANSFER]["accuracy"] for s in seeds]
-    ax.scatter(x, y, label=method, alpha=0.8)
+  """Left: in-domain (held-out SNLI) against SICK accuracy, one point per test seed and
+  method. Right: each seed's difference to vanilla's same seed on both; above the diagonal,
+  the method's gap (in-domain minus SICK) is smaller than vanilla's."""
+  fig, (ax, paired) = plt.subplots(1, 2, figsize=(10.4, 4.4))
+  tests = info["tests"]
+  base = {split: _test_scores(tests.get("vanilla", {}), split, "accuracy")
+          for split in (IN_DOMAIN, TRANSFER)}
+  for i, (method, runs) in enumerate(tests.items()):
+    x, y = (_test_scores(runs, split, "accuracy") for split in (IN_DOMAIN, TRANSFER))
+    ax.scatter([100 * x[s] for s in sorted(runs)], [100 * y[s] for s in sorted(runs)],
+               label=method, alpha=0.8, color=f"C{i}")
+    seeds = sorted(set(runs) & set(base[IN_DOMAIN])) if method != "vanilla" else []
+    if seeds:
+      paired.scatter([100 * (x[s] - base[IN_DOMAIN][s]) for s in seeds],
+                     [100 * (y[s] - base[TRANSFER][s]) for s in seeds],
+                     label=method, alpha=0.8, color=f"C{i}")
   ax.set_xlabel("in-domain accuracy (SNLI held-out)")
   ax.set_ylabel("out-of-domain accuracy (SICK test, zero-shot)")
   ax.set_title("SNLI → SICK, one point per test seed", fontsize=10)
   ax.legend(fontsize=8)
+  lo, hi = (f(v) for f, v in zip((min, max), zip(paired.get_xlim(), paired.get_ylim())))
+  paired.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="gap as vanilla's")
+  paired.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal")
+  paired.axhline(0, color="gray", lw=0.5)
+  paired.axvline(0, color="gray", lw=0.5)
+  paired.set_xlabel("in-domain − vanilla's, same seed (points)")
+  paired.set_ylabel("SICK − vanilla's, same seed (points)")
+  paired.set_title("Paired with vanilla: above the diagonal, a smaller gap", fontsize=10)
+  paired.legend(fontsize=8)
   fig.tight_layout()
   files.save_figure(fig, os.path.join(out, "transfer.png"), dpi=110)
   plt.close(fig)
