@@ -240,7 +240,8 @@ def _add_evaluate_parser(sub: Any) -> None:
   p.add_argument("--batch-size", type=_positive_int, default=64)
   p.add_argument("--max-seq-length", type=_positive_int, default=128)
   p.add_argument("--pad-multiple", type=_positive_int, default=16)
-  p.add_argument("--json", metavar="FILE", help="also write the metrics here")
+  p.add_argument("--json", metavar="FILE",
+                 help="also write the metrics, confusion matrices and data digests here")
 
 
 def build_parser() -> argparse.ArgumentParser:
