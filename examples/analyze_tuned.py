@@ -413,7 +413,7 @@ def transfer_plot(out: str, info: dict, plt: object) -> None:
           for split in (IN_DOMAIN, TRANSFER)}
   for i, (method, runs) in enumerate(tests.items()):
     x, y = (_test_scores(runs, split, "accuracy") for split in (IN_DOMAIN, TRANSFER))
-    ax.scatter([100 * x[s] for s in sorted(runs)], [100 * y[s] for s in sorted(runs)],
+    ax.scatter([100 * x[s] for s in x], [100 * y[s] for s in x],
                label=method, alpha=0.8, color=f"C{i}")
     seeds = sorted(set(runs) & set(base[IN_DOMAIN])) if method != "vanilla" else []
     if seeds:
@@ -424,7 +424,8 @@ def transfer_plot(out: str, info: dict, plt: object) -> None:
   ax.set_ylabel("out-of-domain accuracy (SICK test, zero-shot)")
   ax.set_title("SNLI → SICK, one point per test seed", fontsize=10)
   ax.legend(fontsize=8)
-  lo, hi = (f(v) for f, v in zip((min, max), zip(paired.get_xlim(), paired.get_ylim())))
+  (x0, x1), (y0, y1) = paired.get_xlim(), paired.get_ylim()
+  lo, hi = min(x0, y0), max(x1, y1)  # one square, so that the diagonal is the equal-gap line
   paired.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="gap as vanilla's")
   paired.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal")
   paired.axhline(0, color="gray", lw=0.5)
