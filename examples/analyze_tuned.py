@@ -4,7 +4,8 @@ Writes ``OUT/summary.md`` (per task: each method's chosen point, its test mean �
 the test seeds, the paired difference to vanilla with a 95% bootstrap interval and the count
 of seeds above and below, MRPC also in accuracy; the selection grid; the four GLUE tasks'
 mean per test seed, paired; the dynamic network paired with fixed D; the multi-task arm
-against the single-task runs per task and over the four; the CLI's defaults),
+against the single-task runs per task and over the four; vanilla at another method's
+chosen point, where run (``tuned_study.py --control-at``); the CLI's defaults),
 ``OUT/sensitivity.png`` (mean selection score against learning rate, one line per method,
 per task), ``OUT/loss_curves.png`` (training loss of one seed at each method's chosen point)
 and ``OUT/dynamic_networks.png`` (the Jaccard between successive dynamic child networks over
@@ -39,6 +40,7 @@ TASKS = tuple(METRIC)
 MRPC_DEV = (408, 279)  # MRPC's dev set: pairs, paraphrases (GLUE's fixed file)
 MULTI, MULTI_TASKS = "glue4", ("sst2", "cola", "mrpc", "rte")
 IN_DOMAIN, TRANSFER = "heldout", "sick/test"  # the NLI arm's two test splits
+CONTROL = "vanilla-at-"  # control/vanilla-at-<method>: vanilla at the method's chosen point
 POINT = re.compile(r"lr(?P<lr>[0-9.e+-]+)-ep(?P<epochs>\d+)$")
 
 
@@ -68,11 +70,15 @@ def load_task(root: str) -> dict:
       curves.setdefault(method, {})[point] = runs
   choice_path = os.path.join(root, "choice.json")
   choices = _read(choice_path) if os.path.exists(choice_path) else {}
-  tests = {}
+  tests, controls = {}, {}
   for folder in sorted(glob.glob(os.path.join(root, "test", "*"))):
     if runs := _runs(folder):  # a method whose first test run is still going has none
       tests[os.path.basename(folder)] = runs
-  return {"grid": grid, "curves": curves, "choices": choices, "tests": tests}
+  for folder in sorted(glob.glob(os.path.join(root, "control", CONTROL + "*"))):
+    if runs := _runs(folder):
+      controls[os.path.basename(folder)[len(CONTROL):]] = runs
+  return {"grid": grid, "curves": curves, "choices": choices, "tests": tests,
+          "controls": controls}
 
 
 def _test_scores(runs: dict[int, dict], split: str, metric: str) -> dict[int, float]:
@@ -259,6 +265,34 @@ def transfer_tables(task: str, info: dict) -> list[str]:
   return lines
 
 
+def control_table(task: str, info: dict) -> list[str]:
+  """Vanilla at another method's chosen point, on the test seeds: paired with vanilla at its
+  own point (what the schedule does) and with the method (what the masks do on top)."""
+  splits = (IN_DOMAIN, TRANSFER, "gap") if task == "snli" else ("dev",)
+  metric = METRIC[task]
+  rows = []
+  for method, runs in info.get("controls", {}).items():
+    c = info["choices"][method]
+    for split in splits:
+      control = _test_scores(runs, split, metric)
+      cells = [mean_std(control), str(len(control)),
+               *paired_columns(control, _test_scores(info["tests"].get("vanilla", {}),
+                                                     split, metric)),
+               *paired_columns(_test_scores(info["tests"].get(method, {}), split, metric),
+                               control)]
+      name = metric if split == "dev" else f"{split} {metric}"
+      rows.append(f"| vanilla at {method}'s point ({c['learning_rate']:g}, {c['epochs']} ep) "
+                  f"| {name} | " + " | ".join(cells) + " |")
+  if not rows:
+    return []
+  return ["Control: vanilla at another method's chosen point (its learning rate and epochs, "
+          "no masks), paired over the test seeds with vanilla at its own point and with the "
+          "method:", "",
+          "| control | metric | mean ± std | seeds | control − vanilla [95% CI] | above / below "
+          "| method − control [95% CI] | above / below |",
+          "|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
 def grid_table(info: dict) -> list[str]:
   points = sorted({p for g in info["grid"].values() for p in g})
   lines = ["| method | " + " | ".join(f"lr {lr:g}, {ep} ep" for lr, ep in points) + " |",
@@ -405,21 +439,24 @@ def plots(out: str, tasks: dict[str, dict]) -> None:
 
 def transfer_plot(out: str, info: dict, plt: object) -> None:
   """Left: in-domain (held-out SNLI) against SICK accuracy, one point per test seed and
-  method. Right: each seed's difference to vanilla's same seed on both; above the diagonal,
-  the method's gap (in-domain minus SICK) is smaller than vanilla's."""
+  method (and control, as crosses). Right: each seed's difference to vanilla's same seed on
+  both; above the diagonal, the method's gap (in-domain minus SICK) is smaller than vanilla's."""
   fig, (ax, paired) = plt.subplots(1, 2, figsize=(10.4, 4.4))
   tests = info["tests"]
   base = {split: _test_scores(tests.get("vanilla", {}), split, "accuracy")
           for split in (IN_DOMAIN, TRANSFER)}
-  for i, (method, runs) in enumerate(tests.items()):
+  shown = [(method, runs, "o") for method, runs in tests.items()]
+  shown += [(f"vanilla at {method}'s point", runs, "x")
+            for method, runs in info.get("controls", {}).items()]
+  for i, (name, runs, marker) in enumerate(shown):
     x, y = (_test_scores(runs, split, "accuracy") for split in (IN_DOMAIN, TRANSFER))
     ax.scatter([100 * x[s] for s in x], [100 * y[s] for s in x],
-               label=method, alpha=0.8, color=f"C{i}")
-    seeds = sorted(set(runs) & set(base[IN_DOMAIN])) if method != "vanilla" else []
+               label=name, alpha=0.8, color=f"C{i}", marker=marker)
+    seeds = sorted(set(runs) & set(base[IN_DOMAIN])) if name != "vanilla" else []
     if seeds:
       paired.scatter([100 * (x[s] - base[IN_DOMAIN][s]) for s in seeds],
                      [100 * (y[s] - base[TRANSFER][s]) for s in seeds],
-                     label=method, alpha=0.8, color=f"C{i}")
+                     label=name, alpha=0.8, color=f"C{i}", marker=marker)
   ax.set_xlabel("in-domain accuracy (SNLI held-out)")
   ax.set_ylabel("out-of-domain accuracy (SICK test, zero-shot)")
   ax.set_title("SNLI → SICK, one point per test seed", fontsize=10)
@@ -488,6 +525,8 @@ def main(argv: list[str] | None = None) -> str:
                           for r in runs.values())
           lines.append(f"- {method}: {', '.join(map(str, counts))}")
         lines.append("")
+    if task != MULTI:
+      lines += control_table(task, info)
     lines += ["Selection grid (mean selection score, number of seeds):", ""]
     lines += grid_table(info) + [""]
   lines += glue_average(tasks) + dynamic_against_d(tasks)

@@ -28,6 +28,10 @@ Layout, all resumable (a finished run is never rerun; stop and continue at any t
                                             not on the learning rate or epochs)
   OUT/<task>/choice.json                    each method's chosen point, with the evidence
   OUT/<task>/test/<method>/seed-<s>/results.json   test runs at the chosen point
+  OUT/<task>/control/vanilla-at-<method>/seed-<s>/results.json
+                                            vanilla on the test seeds at <method>'s chosen
+                                            point (``--control-at``): its learning rate and
+                                            length without its masks
 
   python examples/tuned_study.py --glue ../shared/glue --nli ../shared/nli --out results/tuned
 
@@ -193,7 +197,9 @@ class Study:
                       "scores": s} for p, s in sorted(scores.items())]}  # null: diverged
 
   def run(self, methods: Sequence[str]) -> None:
-    methods = [m for m in methods if m in TASK_METHODS.get(self.task, SINGLE_METHODS)]
+    own = TASK_METHODS.get(self.task, SINGLE_METHODS)
+    methods = [m for m in methods if m in own]
+    controls = [m for m in self.args.control_at if m in own]
     choice_path = os.path.join(self.root, "choice.json")
     choices = {}
     if os.path.exists(choice_path):
@@ -203,11 +209,19 @@ class Study:
       if method not in choices:  # a choice, once made, is final: tests never revise it
         choices[method] = self.selection(method)
         files.write_json(choice_path, choices)
+    if missing := [m for m in controls if m not in choices]:
+      sys.exit(f"--control-at {' '.join(missing)}: {self.task} has no choice for it yet "
+               "(run its selection first: --methods)")
     for seed in TEST_SEEDS:  # seed-major: each seed adds one paired comparison
       for method in methods:
         c = choices[method]
         self._train(method, os.path.join(self.root, "test", method), seed,
                     c["learning_rate"], c["epochs"], [])
+    for seed in TEST_SEEDS:  # vanilla at another method's point: its schedule, no masks
+      for method in controls:
+        c = choices[method]
+        self._train("vanilla", os.path.join(self.root, "control", f"vanilla-at-{method}"),
+                    seed, c["learning_rate"], c["epochs"], [])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -228,6 +242,12 @@ def main(argv: Sequence[str] | None = None) -> None:
       default=os.environ.get("JAX_COMPILATION_CACHE_DIR")
       or os.path.join(os.path.expanduser("~"), ".cache", "childtune-jax", "xla"),
       help="JAX's persistent compilation cache, shared by the runs ('' for none)")
+  parser.add_argument(
+      "--control-at", nargs="+", default=[], metavar="METHOD",
+      choices=[m for m in METHODS if m != "vanilla"],
+      help="also train vanilla on the test seeds at each METHOD's chosen point (its "
+           "learning rate and epochs, no masks): does the method's difference to vanilla "
+           "come from its schedule or from its masks?")
   args = parser.parse_args(argv)
   for task in args.tasks:
     Study(task, args).run(args.methods)

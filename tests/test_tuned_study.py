@@ -154,7 +154,7 @@ def test_nli_arm_selects_on_snli_and_tests_on_heldout_and_sick(tmp_path, monkeyp
   out = str(tmp_path / "tuned")
   study.main(["--nli", os.path.join(HERE, "fixtures", "nli"), "--out", out, "--model", TINY,
               "--backend", "nnx", "--tasks", "snli", "--methods", "vanilla", "F",
-              "--compilation-cache", ""])
+              "--control-at", "F", "--compilation-cache", ""])
   root = os.path.join(out, "snli")
   for lr in (1e-4, 3e-3):  # selection runs see neither the held-out split nor SICK
     r = _read(os.path.join(root, "select", "F", f"lr{lr:g}-ep1", "seed-1", "results.json"))
@@ -172,6 +172,63 @@ def test_nli_arm_selects_on_snli_and_tests_on_heldout_and_sick(tmp_path, monkeyp
   row = next(line for line in text.splitlines() if line.startswith("| F | in-domain − SICK"))
   assert f"| {np.mean(gap['F']):.2f} ± {np.std(gap['F'], ddof=1):.2f} | 3 |" in row
   assert f"| {d.mean():+.2f} [" in row
+  # The control: vanilla on the test seeds at F's chosen point, paired with vanilla and F.
+  choice = _read(os.path.join(root, "choice.json"))["F"]
+  control = {s: _read(os.path.join(root, "control", "vanilla-at-F", f"seed-{s}", "results.json"))
+             for s in (7, 8, 9)}
+  for r in control.values():
+    assert r["config"]["mode"] == "vanilla"
+    assert (r["config"]["learning_rate"], r["config"]["epochs"]) == (
+        choice["learning_rate"], choice["epochs"])
+    assert set(r["metrics"]) == {"heldout", "sick/test", "selection"}
+  control_gap = [100 * (r["metrics"]["heldout"]["accuracy"] - r["metrics"]["sick/test"]["accuracy"])
+                 for _, r in sorted(control.items())]
+  row = next(line for line in text.splitlines()
+             if line.startswith("| vanilla at F's point") and "| gap accuracy |" in line)
+  cells = [c.strip() for c in row.split("|")[3:-1]]
+  assert cells[:2] == [f"{np.mean(control_gap):.2f} ± {np.std(control_gap, ddof=1):.2f}", "3"]
+  assert cells[2].startswith(f"{np.mean(np.subtract(control_gap, gap['vanilla'])):+.2f} [")
+  assert cells[4].startswith(f"{np.mean(np.subtract(gap['F'], control_gap)):+.2f} [")
+
+
+def test_control_at_a_method_without_a_choice_is_refused_before_any_run(tmp_path, monkeypatch):
+  study = _load()
+  monkeypatch.setattr(cli, "main", lambda argv: pytest.fail(f"ran {argv}"))
+  out = tmp_path / "tuned"
+  _write(out / "sst2" / "choice.json", {"vanilla": {"learning_rate": 1e-4, "epochs": 3}})
+  with pytest.raises(SystemExit, match="--control-at D: sst2 has no choice"):
+    study.main(["--glue", GLUE, "--out", str(out), "--tasks", "sst2", "--methods", "vanilla",
+                "--control-at", "D"])
+
+
+def test_control_is_paired_with_vanilla_and_with_its_method_on_the_dev_metric():
+  analyze = _load("analyze_tuned")
+  rng = np.random.default_rng(5)
+  seeds = (101, 102, 103, 104)
+
+  def runs():
+    return {s: {"metrics": {"dev": {"matthews": float(rng.random())}}} for s in seeds}
+
+  info = {"choices": {"vanilla": {"learning_rate": 1e-4, "epochs": 3},
+                      "F": {"learning_rate": 2e-4, "epochs": 10}},
+          "tests": {"vanilla": runs(), "F": runs()}, "controls": {"F": runs()}}
+  lines = analyze.control_table("cola", info)
+  (row,) = [line for line in lines if line.startswith("| vanilla at F's point (0.0002, 10 ep)")]
+  cells = [c.strip() for c in row.split("|")[2:-1]]
+
+  def score(runs):
+    return 100 * np.array([runs[s]["metrics"]["dev"]["matthews"] for s in seeds])
+
+  control, vanilla, f = score(info["controls"]["F"]), score(info["tests"]["vanilla"]), score(
+      info["tests"]["F"])
+  assert cells[0] == "matthews"
+  assert cells[1] == f"{control.mean():.2f} ± {control.std(ddof=1):.2f}"
+  assert cells[2] == "4"
+  assert cells[3].startswith(f"{(control - vanilla).mean():+.2f} [")
+  assert cells[4] == f"{(control > vanilla).sum()} / {(control < vanilla).sum()}"
+  assert cells[5].startswith(f"{(f - control).mean():+.2f} [")
+  assert cells[6] == f"{(f > control).sum()} / {(f < control).sum()}"
+  assert analyze.control_table("cola", {**info, "controls": {}}) == []
 
 
 def test_multitask_arm_compares_each_task_with_its_single_task_runs(tmp_path, monkeypatch):
