@@ -81,6 +81,11 @@ def load_task(root: str) -> dict:
           "controls": controls}
 
 
+def paired_splits(task: str) -> tuple[str, ...]:
+  """The test splits a paired comparison reports: the NLI arm's two and their gap, or dev."""
+  return (IN_DOMAIN, TRANSFER, "gap") if task == "snli" else ("dev",)
+
+
 def _test_scores(runs: dict[int, dict], split: str, metric: str) -> dict[int, float]:
   """A seed's test score on ``split``; ``gap``: in-domain minus transfer accuracy."""
   if split == "gap":
@@ -148,7 +153,7 @@ def dynamic_against_d(tasks: dict[str, dict]) -> list[str]:
     tests = info["tests"]
     if task == MULTI or "dynamic" not in tests or "D" not in tests:
       continue
-    splits = (IN_DOMAIN, TRANSFER, "gap") if task == "snli" else ("dev",)
+    splits = paired_splits(task)
     metrics = (METRIC[task], *([ALSO[task]] if task in ALSO else []))
     for split in splits:
       for metric in metrics:
@@ -268,7 +273,7 @@ def transfer_tables(task: str, info: dict) -> list[str]:
 def control_table(task: str, info: dict) -> list[str]:
   """Vanilla at another method's chosen point, on the test seeds: paired with vanilla at its
   own point (what the schedule does) and with the method (what the masks do on top)."""
-  splits = (IN_DOMAIN, TRANSFER, "gap") if task == "snli" else ("dev",)
+  splits = paired_splits(task)
   metric = METRIC[task]
   rows = []
   for method, runs in info.get("controls", {}).items():
