@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,37 @@ Where = Callable[[str], bool] | Any | None
 """Which leaves take part: ``None`` (all), a predicate on a leaf's path string
 (``"bert/encoder/layer/0/output/dense/kernel"``), or a static bool pytree with the
 params' structure."""
+
+
+def unbox(tree: Any) -> Any:
+  """``tree`` with every Flax NNX ``Variable`` replaced by its value (``nnx.as_pure``).
+
+  ``nnx.Optimizer`` calls ``tx.init(nnx.state(model, nnx.Param))``, whose leaves are
+  ``Variable``s (their key paths end in ``value``), and ``tx.update`` with plain arrays.
+  Every transformation unboxes what it is given, so that its state, its structure checks
+  and its ``where`` predicates see the same tree and the same paths in both calls. Without
+  Flax imported there is no ``Variable`` to unbox, and ``tree`` is returned as it is.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return tree
+
+  def is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+  if not any(is_variable(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_variable)):
+    return tree
+  return jax.tree_util.tree_map(lambda x: x.get_value() if is_variable(x) else x, tree,
+                                is_leaf=is_variable)
+
+
+def relayout(tree: Any, reference: Any) -> Any:
+  """``tree``'s leaves in ``reference``'s containers (a dict mask for an ``nnx.State``).
+
+  The caller has checked that the two have the same leaf paths.
+  """
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(reference),
+                                      jax.tree_util.tree_leaves(tree))
 
 
 def path_str(path: tuple) -> str:
@@ -25,13 +57,19 @@ def leaf_paths(tree: Any) -> list[str]:
 
 
 def resolve_where(where: Where, tree: Any, *, name: str = "where") -> list[bool]:
-  """Resolves ``where`` to one Python bool per leaf of ``tree`` (flattening order)."""
+  """Resolves ``where`` to one Python bool per leaf of ``tree`` (flattening order).
+
+  Paths are those of the unboxed tree (:func:`unbox`): a predicate sees
+  ``"layers/0/attn/q/kernel"`` whether ``tree`` holds ``nnx.Variable``s or arrays.
+  """
+  tree = unbox(tree)
   paths = leaf_paths(tree)
   if where is None:
     return [True] * len(paths)
   if callable(where):
     return [bool(where(p)) for p in paths]
-  check_structure(name, where, tree, check_shapes=False)
+  where = unbox(where)
+  check_structure(name, where, tree, check_shapes=False, check_containers=False)
   flags = jax.tree_util.tree_leaves(where)
   for path, flag in zip(paths, flags):
     if not isinstance(flag, (bool, np.bool_)):
@@ -43,9 +81,13 @@ def resolve_where(where: Where, tree: Any, *, name: str = "where") -> list[bool]
 
 def check_structure(
     name: str, tree: Any, reference: Any, *, check_shapes: bool = True,
-    reference_name: str = "the parameters",
+    check_containers: bool = True, reference_name: str = "the parameters",
 ) -> None:
-  """Raises ``ValueError`` naming the first path where ``tree`` differs from ``reference``."""
+  """Raises ``ValueError`` naming the first path where ``tree`` differs from ``reference``.
+
+  With ``check_containers=False`` only the leaf paths (and shapes) must agree: a plain
+  dict may stand for an ``nnx.State`` of the same keys.
+  """
   got = jax.tree_util.tree_flatten_with_path(tree)[0]
   want = jax.tree_util.tree_flatten_with_path(reference)[0]
   got_paths = [path_str(p) for p, _ in got]
@@ -63,7 +105,8 @@ def check_structure(
         f"{name} does not have the structure of {reference_name}: {detail} "
         f"({len(got_paths)} leaves, expected {len(want_paths)})"
     )
-  if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(reference):
+  if check_containers and (
+      jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(reference)):
     raise ValueError(
         f"{name} does not have the container types of {reference_name}: "
         f"{jax.tree_util.tree_structure(tree)} vs {jax.tree_util.tree_structure(reference)}"

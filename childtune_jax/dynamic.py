@@ -212,7 +212,8 @@ def child_tuning_dynamic(
       ``inject_hyperparams`` it may be traced (clipped to [0, 1]; see the source for the
       rounding bound).
     every: steps between re-selections (the length of a masked stage); at least 1.
-    decay: the EMA's :math:`\beta` in [0, 1), or ``None`` for a plain sum since the last
+    decay: the EMA's :math:`\beta` in [0, 1) (a traced one, under ``inject_hyperparams``, is
+      not checked), or ``None`` for a plain sum since the last
       selection (since the start of the full-update stage with ``alternate``).
     scope: ``"global"`` (one threshold over all selected leaves, as Child-Tuning_D) or
       ``"per_leaf"`` (the top fraction of each leaf).
@@ -253,7 +254,7 @@ def child_tuning_dynamic(
     Subnetworks Adaptively <https://arxiv.org/abs/2211.01642>`_, NeurIPS 2022
   """
   _check_schedule(reserve_p, every, full_stage, scope, alternate)
-  if decay is not None and not (0.0 <= decay < 1.0):
+  if decay is not None and not isinstance(decay, jax.core.Tracer) and not 0.0 <= decay < 1.0:
     raise ValueError(f"decay must be in [0, 1) or None, got {decay!r}")
   if isinstance(score_dtype, jax.Array) or jnp.dtype(score_dtype) not in (
       jnp.float32, jnp.bfloat16, jnp.float16):
@@ -262,6 +263,7 @@ def child_tuning_dynamic(
   score_dtype = jnp.dtype(score_dtype)
 
   def init_fn(params: optax.Params) -> ChildTuningDynamicState:
+    params = _tree.unbox(params)  # nnx.Optimizer passes nnx.Variables
     leaves, treedef = jax.tree_util.tree_flatten(params)
     selected = _tree.resolve_where(where, params)
     if not any(selected):
@@ -388,6 +390,7 @@ def scale_by_dynamic_adam(
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
   def init_fn(params: optax.Params) -> DynamicAdamState:
+    params = _tree.unbox(params)  # nnx.Optimizer passes nnx.Variables
     leaves, treedef = jax.tree_util.tree_flatten(params)
     selected = _tree.resolve_where(where, params)
     if not any(selected):
@@ -485,7 +488,7 @@ def current_keep(state: ChildTuningDynamicState | DynamicAdamState,
 
   Before the first selection (the full-update stage) it is all ``True``.
   """
-  leaves, treedef = jax.tree_util.tree_flatten(like)
+  leaves, treedef = jax.tree_util.tree_flatten(_tree.unbox(like))
   keeps = treedef.flatten_up_to(state.keep)
   out = [jnp.ones(jnp.shape(x), jnp.bool_) if isinstance(k, optax.MaskedNode)
          else _packing.unpack_leaf(k, jnp.shape(x)) for x, k in zip(leaves, keeps)]

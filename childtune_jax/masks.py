@@ -199,15 +199,16 @@ def fisher_mask(
   _check_reserve_p(reserve_p)
   if packing is not None:
     _packing.check_packing(packing)
+  fisher = _tree.unbox(fisher)
   flat, treedef = jax.tree_util.tree_flatten_with_path(fisher)
   selected = _tree.resolve_where(where, fisher)
   leaves = [jnp.asarray(x) for (_, x), take in zip(flat, selected) if take]
   if not leaves:
     raise ValueError("fisher_mask: where selects no leaf")
   for (path, _), x in zip((f for f, take in zip(flat, selected) if take), leaves):
-    if not jnp.issubdtype(x.dtype, jnp.floating) and not jnp.issubdtype(x.dtype, jnp.integer):
-      raise TypeError(f"fisher scores must be real numbers, got {x.dtype} at "
-                      f"{_tree.path_str(path)!r}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"fisher scores must be floating-point (squared gradients), got "
+                      f"{x.dtype} at {_tree.path_str(path)!r}: is it a mask or a step count?")
   if not sum(x.size for x in leaves):
     raise ValueError("fisher_mask: the selected leaves hold no scalars")
   paths = [_tree.path_str(p) for (p, _), take in zip(flat, selected) if take]
@@ -256,8 +257,9 @@ def jaccard(keep_a: optax.Params, keep_b: optax.Params, *, where: _tree.Where = 
 
   Counted over all scalars of the selected leaves (``where``; pass
   :func:`is_encoder_layer` to leave out the always-trained leaves of a D mask). Two
-  empty child networks are equal: their coefficient is 1. Both masks may be bool or
-  both packed the same way (:func:`pack_keep`), which counts set bits directly.
+  empty child networks have no coefficient (0/0): the result is ``nan``, undefined. Both
+  masks may be bool or both packed the same way (:func:`pack_keep`), which counts set bits
+  directly.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -265,6 +267,7 @@ def jaccard(keep_a: optax.Params, keep_b: optax.Params, *, where: _tree.Where = 
     >>> jaccard({"w": jnp.array([True, True, False])}, {"w": jnp.array([True, False, True])})
     0.3333333333333333
   """
+  keep_a, keep_b = _tree.unbox(keep_a), _tree.unbox(keep_b)
   _packing.check_mask_dtypes("keep_a", keep_a)
   _packing.check_mask_dtypes("keep_b", keep_b)
   _tree.check_structure("keep_b", keep_b, keep_a, check_shapes=False)
@@ -278,11 +281,12 @@ def jaccard(keep_a: optax.Params, keep_b: optax.Params, *, where: _tree.Where = 
   for a, b in zip(_selected_leaves(keep_a, where), _selected_leaves(keep_b, where)):
     counts = to_host(_overlap_leaf(a, b)).astype(np.int64)
     inter, union = inter + int(counts[0]), union + int(counts[1])
-  return 1.0 if union == 0 else inter / union
+  return math.nan if union == 0 else inter / union
 
 
 def kept_fraction(keep: optax.Params, *, where: _tree.Where = None) -> tuple[int, int]:
   """``(kept, total)`` scalar counts of a child network (bool leaves) over the selected leaves."""
+  keep = _tree.unbox(keep)
   _tree.check_bool("keep (unpack a packed mask with unpack_keep first)", keep)
   leaves = _selected_leaves(keep, where)
   kept = sum(int(_ones_leaf(x)) for x in leaves)
@@ -321,6 +325,7 @@ def random_keep(
   """
   if (reserve_p is None) == (count is None):
     raise ValueError("random_keep: give exactly one of reserve_p and count")
+  like = _tree.unbox(like)
   leaves, treedef = jax.tree_util.tree_flatten(like)
   selected = _tree.resolve_where(where, like)
   sizes = [math.prod(jnp.shape(x)) for x, take in zip(leaves, selected) if take]
@@ -404,6 +409,7 @@ def shared_fisher_mask(
     raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
   if not fishers:
     raise ValueError("shared_fisher_mask needs the Fisher information of at least one task")
+  fishers = [_tree.unbox(f) for f in fishers]
   for i, f in enumerate(fishers[1:], start=1):
     _tree.check_structure(f"fishers[{i}]", f, fishers[0], reference_name="fishers[0]")
   if combine != "normalized-sum":

@@ -79,6 +79,7 @@ def pack_keep(keep: Any, packing: str = "uint8") -> Any:
     [13]
   """
   check_packing(packing)
+  keep = _tree.unbox(keep)
   _tree.check_bool("keep", keep)
   return jax.tree_util.tree_map(lambda x: pack_leaf(jnp.asarray(x), packing), keep)
 
@@ -93,6 +94,7 @@ def unpack_keep(packed: Any, like: Any) -> Any:
       axis within the same number of words cannot be told apart: its missing bits read
       as ``False``.
   """
+  packed, like = _tree.unbox(packed), _tree.unbox(like)
   check_packed("packed", packed, like)
   for path, w, x in zip(_tree.leaf_paths(packed), jax.tree_util.tree_leaves(packed),
                         jax.tree_util.tree_leaves(like)):
@@ -124,14 +126,17 @@ def check_mask_dtypes(name: str, keep: Any) -> None:
                       f"got dtype {dtype} at {_tree.path_str(path)!r}")
 
 
-def check_packed(name: str, keep: Any, like: Any, reference_name: str = "the parameters") -> None:
+def check_packed(name: str, keep: Any, like: Any, reference_name: str = "the parameters",
+                 *, check_containers: bool = True) -> None:
   """Checks a keep mask (bool or packed leaves) against the pytree it masks.
 
   Raises ``TypeError`` for a leaf that is neither bool nor ``uint8``/``uint32`` words,
-  ``ValueError`` for a structure or shape that does not fit ``like``.
+  ``ValueError`` for a structure or shape that does not fit ``like``. With
+  ``check_containers=False`` a plain dict may stand for an ``nnx.State`` of the same paths.
   """
   check_mask_dtypes(name, keep)
-  _tree.check_structure(name, keep, like, check_shapes=False, reference_name=reference_name)
+  _tree.check_structure(name, keep, like, check_shapes=False, reference_name=reference_name,
+                        check_containers=check_containers)
   flat = jax.tree_util.tree_flatten_with_path(keep)[0]
   for (path, k), x in zip(flat, jax.tree_util.tree_leaves(like)):
     want = packed_shape(np.shape(x), k.dtype) if is_packed(k) else np.shape(x)

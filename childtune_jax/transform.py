@@ -178,7 +178,11 @@ def child_tuning_f(
       network); ``1`` is the identity. A concrete value outside (0, 1] raises. A traced
       one (``inject_hyperparams``, a schedule) is clipped to [0, 1]: 0 or below keeps
       nothing (zero updates, never a division by zero), above 1 keeps everything, and
-      NaN makes every masked update NaN, so that ``optax.apply_if_finite`` skips it.
+      NaN makes every masked update NaN, so that ``optax.apply_if_finite`` skips it. No
+      error can be raised inside ``jit``: under ``apply_if_finite`` a NaN ``reserve_p``
+      skips the step and counts in its ``notfinite_count``, as a NaN gradient does (a
+      schedule that returns NaN stalls training there: watch that count); without it the
+      parameters become NaN, which a training loop's finiteness check sees.
     key: an int seed or a ``jax.random.key``; its PRNG implementation is used for the
       masks (e.g. ``jax.random.key(0, impl="rbg")`` for a faster generator).
     rescale: divide the kept entries by :math:`p` (the reference code does).
@@ -309,6 +313,7 @@ def child_tuning_d(
   """
   if packing is not None:
     _packing.check_packing(packing)
+  keep = _tree.unbox(keep)
   _packing.check_mask_dtypes("keep", keep)
 
   def store(leaf: Any) -> jax.Array:
@@ -318,21 +323,26 @@ def child_tuning_d(
     return _packing.pack_leaf(jnp.asarray(leaf), packing)
 
   def init_fn(params: optax.Params) -> ChildTuningDState:
-    _packing.check_packed("keep", keep, params)
-    return ChildTuningDState(keep=jax.tree_util.tree_map(store, keep))
+    params = _tree.unbox(params)  # nnx.Optimizer passes nnx.Variables
+    _packing.check_packed("keep", keep, params, check_containers=False)
+    # In the params' containers, so that the state mirrors them (a dict keep, nnx.State params).
+    return ChildTuningDState(keep=_tree.relayout(jax.tree_util.tree_map(store, keep), params))
 
   def update_fn(
       updates: optax.Updates, state: ChildTuningDState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, ChildTuningDState]:
     del params
-    _packing.check_packed("keep", state.keep, updates, reference_name="the updates")
+    _packing.check_packed("keep", state.keep, updates, reference_name="the updates",
+                          check_containers=False)
 
     def mask(u: jax.Array, k: jax.Array) -> jax.Array:
       if _packing.is_packed(k):
         k = _packing.unpack_leaf(k, u.shape)
       return jnp.where(k, u, jnp.zeros_like(u))
 
-    return jax.tree_util.tree_map(mask, updates, state.keep), state
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    out = [mask(u, k) for u, k in zip(leaves, jax.tree_util.tree_leaves(state.keep))]
+    return jax.tree_util.tree_unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
