@@ -22,8 +22,8 @@ import optax
 
 from childtune_jax import fisher_information, fisher_mask, is_encoder_layer, jaccard
 from childtune_jax.app import data, files
-from childtune_jax.app.checkpoints import save_keep
 from childtune_jax.app.loading import BACKENDS, DEFAULT_MODEL, load_classifier
+from childtune_jax.app.maskfile import save as save_keep
 from childtune_jax.models import FAMILIES
 
 
@@ -95,7 +95,9 @@ def main() -> None:
       for (d, h), keep in zip(pairs, keeps):
         folder = os.path.join(args.save_dir, f"steps-{steps}")
         os.makedirs(folder, exist_ok=True)
-        save_keep(os.path.join(folder, f"data-{d}-head-{h}.npz"), keep, reserve_p=args.reserve_p)
+        # A network is a run's own where one seed drew both the data and the head.
+        save_keep(os.path.join(folder, f"data-{d}-head-{h}.npz"), keep, reserve_p=args.reserve_p,
+                  seed=d if d == h else None)
     matrix = [[jaccard(a, b, where=is_encoder_layer) for b in keeps] for a in keeps]
     out["jaccard"][steps] = matrix
     print(f"\nJaccard after {steps} head-only steps")

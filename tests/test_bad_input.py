@@ -100,7 +100,8 @@ def test_overwrite_that_fails_keeps_the_finished_run_byte_identical(fin, tmp_pat
   _fails(capsys, [*over, "--mode", "F", "--reserve-p", "0.001"], 2, "rounds to 0")
   garbage = tmp_path / "garbage.npz"
   garbage.write_bytes(b"PK\x03\x04 not a zip")
-  _fails(capsys, [*over, "--mode", "random", "--random-like", str(garbage)], 2, "cannot read mask")
+  _fails(capsys, [*over, "--mode", "random", "--random-like", str(garbage)], 2,
+         "not an .npz archive")
   _fails(capsys, [*over, "--mode", "vanilla", "--max-seq-length", "129"], 2, "128 positions")
   assert snapshot(fin) == before
 
@@ -268,7 +269,7 @@ def test_output_and_cache_under_a_file_and_a_file_as_model(tmp_path, capsys):
                   "--compilation-cache", str(afile / "cache")], 2, "--compilation-cache")
   _fails(capsys, [*BASE, "--mode", "F", "--output-dir", str(tmp_path / "o"),
                   "--model", str(afile)], 2, "is a file")
-  _fails(capsys, ["overlap", str(afile)], 2, "cannot read mask")
+  _fails(capsys, ["overlap", str(afile)], 2, "not an .npz archive")
   floats = tmp_path / "floats.npz"
   np.savez(floats, w=np.zeros(3))
   _fails(capsys, ["overlap", str(floats)], 2, "not bool")
@@ -352,8 +353,10 @@ def test_library_bad_input_is_refused_by_name():
   np.testing.assert_array_equal(np.asarray(unpack_keep(packed, like)["w"]), keep["w"])
   with pytest.raises(ValueError, match="bits set past the 3 entries"):
     unpack_keep(packed, {"w": jnp.zeros((2, 3))})  # same word count, shorter axis
-  with pytest.raises(TypeError, match="real numbers"):
+  with pytest.raises(TypeError, match="floating-point"):
     fisher_mask({"w": jnp.array([1 + 2j, 3 + 0j])}, 0.5)
+  with pytest.raises(TypeError, match="floating-point.*'count'"):  # a step count, not scores
+    fisher_mask({"w": jnp.ones(4), "count": jnp.array([3], jnp.int32)}, 0.5)
   with pytest.raises(ValueError, match="no scalars"):
     fisher_mask({"w": jnp.zeros((0, 3))}, 0.5)
   for count, error in ((10.5, TypeError), ("5", TypeError), (True, TypeError), (99, ValueError)):
@@ -367,16 +370,26 @@ def test_library_bad_input_is_refused_by_name():
   assert out["empty"].shape == (0, 4) and set(np.unique(np.asarray(out["w"]))) <= {0.0, 2.0}
 
 
-def test_overlap_of_an_empty_network_with_itself_is_one(tmp_path, capsys):
+def test_overlap_of_empty_networks_is_undefined(tmp_path, capsys):
+  from childtune_jax import jaccard
+
   empty = tmp_path / "empty.npz"
   np.savez(empty, **{"bert/encoder/layer/0/w": np.zeros((3, 4), bool)})
+  empty2 = tmp_path / "empty2.npz"
+  np.savez(empty2, **{"bert/encoder/layer/0/w": np.zeros((3, 4), bool)})
   full = tmp_path / "full.npz"
   np.savez(full, **{"bert/encoder/layer/0/w": np.ones((3, 4), bool)})
   out = tmp_path / "o.json"
-  assert cli.main(["overlap", str(empty), str(full), "--json", str(out)]) == 0
+  capsys.readouterr()
+  assert cli.main(["overlap", str(empty), str(empty2), str(full), "--json", str(out)]) == 0
+  assert "undef." in capsys.readouterr().out
   result = json.loads(out.read_text())
-  assert result["jaccard"][0][0] == 1.0 and result["overlap"][0][0] == 1.0
-  assert result["overlap"][0][1] == 1.0 and result["jaccard"][0][1] == 0.0
+  # 0/0 is no number: |A n B| / |A u B| of two empty networks, |A n B| / min of an empty one
+  assert result["jaccard"][0][0] is None and result["jaccard"][0][1] is None
+  assert result["overlap"][0][2] is None and result["overlap"][0][1] is None
+  assert result["jaccard"][0][2] == 0.0 and result["jaccard"][2][2] == 1.0
+  assert result["overlap"][2][2] == 1.0
+  assert np.isnan(jaccard({"w": jnp.zeros(3, bool)}, {"w": jnp.zeros(3, bool)}))
   _fails(capsys, ["overlap", str(empty), str(full), "--plot", str(tmp_path / "p.weird")], 2,
          ".png")
   _fails(capsys, ["overlap", str(empty), str(full), "--json", str(tmp_path)], 2, "is a folder")
@@ -393,3 +406,244 @@ def test_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, dies_at_b
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   _fails(capsys, [*argv, "--resume"], 2, "delete it to start over")
+
+
+# Round 2 of hostile input: what once exited 0 with a wrong or mislabelled run, lost a finished
+# run, or said something misleading.
+
+
+def test_two_commands_on_one_folder_the_second_is_refused(fin, capsys):
+  """The lock: a second process holds it (our own lock, from another process)."""
+  import subprocess
+  import sys
+
+  before = snapshot(fin)
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import sys, time; from childtune_jax.app import rundir\n"
+       "with rundir.locked(sys.argv[1]):\n  print('held', flush=True); time.sleep(60)", fin],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    for again in ("--overwrite", "--resume"):
+      _fails(capsys, [*BASE, "--mode", "vanilla", "--output-dir", fin, again], 2,
+             "in use by another childtune command")
+    assert {k: v for k, v in snapshot(fin).items() if k != ".childtune.lock"} == before
+  finally:
+    holder.kill()  # killed holding it: the lock goes with the process, its file stays
+    holder.wait()
+  assert cli.main([*BASE, "--mode", "vanilla", "--output-dir", fin, "--resume"]) == 0
+  assert ".childtune.lock" not in os.listdir(fin)
+
+
+def test_overwrite_whose_replace_fails_half_way_restores_every_entry(finished, tmp_path, capsys,
+                                                                    monkeypatch):
+  out = tmp_path / "two"
+  assert cli.main([*BASE, "--mode", "vanilla", "--seeds", "1", "2", "--output-dir",
+                   str(out)]) == 0
+  before = snapshot(out)
+  real = os.replace
+
+  def stuck(src, dst):  # the second old seed cannot move (EBUSY, EXDEV, ...)
+    if src.endswith("seed-2") and ".childtune-overwrite" not in src:
+      raise OSError(16, "Device or resource busy", src)
+    return real(src, dst)
+
+  monkeypatch.setattr(os, "replace", stuck)
+  _fails(capsys, [*BASE, "--mode", "F", "--seeds", "1", "2", "--output-dir", str(out),
+                  "--overwrite"], 1, "cannot replace the old run")
+  monkeypatch.setattr(os, "replace", real)
+  after = {k: v for k, v in snapshot(out).items() if not k.startswith(".childtune-overwrite")}
+  assert after == before
+  # The next --overwrite says it drops the staged new run, and replaces the old one whole.
+  assert cli.main([*BASE, "--mode", "F", "--seeds", "1", "2", "--output-dir", str(out),
+                   "--overwrite"]) == 0
+  for seed in (1, 2):
+    with open(out / f"seed-{seed}" / "results.json") as f:
+      assert json.load(f)["config"]["mode"] == "F"
+  assert sorted(os.listdir(out)) == ["seed-1", "seed-2", "summary.json"]
+
+
+def test_a_replace_killed_half_way_is_undone_or_finished(finished, tmp_path):
+  from childtune_jax.app import rundir
+
+  def folder(name, mode):
+    out = tmp_path / name
+    shutil.copytree(finished / mode, out)
+    return out
+
+  # Killed after moving the old run aside and half the new one in: the old run comes back.
+  out = folder("half", "vanilla")
+  old, staged = out / rundir.OLD, out / rundir.STAGING
+  before = snapshot(out)
+  shutil.copytree(finished / "D", staged)
+  old.mkdir()
+  os.replace(out / "seed-42", old / "seed-42")
+  os.replace(out / "summary.json", old / "summary.json")
+  os.replace(staged / "seed-42", out / "seed-42")
+  rundir.recover(str(out))
+  assert {k: v for k, v in snapshot(out).items() if not k.startswith(rundir.STAGING)} == before
+  assert (staged / "seed-42" / "child_mask.npz").exists()  # the new run, back where it was
+  # Killed after the new run was wholly in place: the old one goes, the new one stays.
+  out = folder("whole", "D")
+  before = snapshot(out)
+  (out / rundir.OLD).mkdir()
+  shutil.copytree(finished / "vanilla" / "seed-42", out / rundir.OLD / "seed-42")
+  (out / rundir.OLD / rundir.REPLACED).write_text("")
+  rundir.recover(str(out))
+  assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "F", "--grad-accum", "100"], "would take no optimizer step"),
+    (["--mode", "dynamic", "--every", "1000"], "never be selected"),
+    (["--mode", "dynamic", "--full-stage", "1000"], "never be selected"),
+    (["--mode", "vanilla", "--seeds", "1", "1"], "seed 1 more than once"),
+])
+def test_runs_that_would_do_nothing_they_say_are_refused(argv, message, tmp_path, capsys):
+  out = tmp_path / "out"
+  _fails(capsys, [*BASE, *argv, "--output-dir", str(out)], 2, message)
+  assert not out.exists()
+
+
+def test_child_mask_of_another_seed_is_refused(finished, tmp_path, capsys):
+  mask = str(finished / "D" / "seed-42" / "child_mask.npz")
+  with np.load(mask) as f:
+    assert int(f["__seed__"]) == 42
+  out = tmp_path / "other"
+  _fails(capsys, [*BASE, "--mode", "D", "--child-mask", mask, "--seeds", "42", "43",
+                  "--output-dir", str(out)], 2, "the child network of seed 42, not of seed 43")
+  assert not out.exists()
+  assert cli.main([*BASE, "--mode", "D", "--child-mask", mask, "--output-dir", str(out)]) == 0
+
+
+def test_own_files_label_as_text_and_infinite_temperature_are_refused(tmp_path, capsys):
+  own = _write(tmp_path / "own.csv", "text,label\nfine,1\nbad,0\ngood,1\nawful,0\n")
+  base = ["train", "--task", "sst2", "--mode", "vanilla", "--model", TINY, "--train-file", own,
+          "--validation-file", own, "--output-dir", str(tmp_path / "out")]
+  _fails(capsys, [*base, "--text-columns", "label", "--label-column", "label"], 2,
+         "fed to the model as text")
+  _fails(capsys, [*base, "--text-columns", "text,label", "--label-column", "label"], 2,
+         "fed to the model as text")
+  with pytest.raises(SystemExit) as e:
+    cli.main(["multitask", "--tasks", "rte", "mrpc", "--mode", "vanilla", "--temperature", "inf",
+              "--model", TINY, "--data-dir", GLUE, "--output-dir", str(tmp_path / "m")])
+  assert e.value.code == 2 and "positive and finite" in capsys.readouterr().err
+
+
+def test_a_model_with_nan_weights_is_refused_by_train_and_evaluate(tmp_path, capsys):
+  from childtune_jax import models
+
+  folder = tmp_path / "nan-model"
+  model = _tiny_model()
+  models.save_pretrained(model, str(folder), labels=("not_entailment", "entailment"))
+  shutil.copy(os.path.join(TINY, "vocab.txt"), folder)
+  shutil.copy(os.path.join(TINY, "tokenizer_config.json"), folder)
+  from safetensors.numpy import load_file, save_file
+
+  tensors = load_file(str(folder / "model.safetensors"))
+  key = sorted(k for k in tensors if k.endswith("query.weight"))[0]
+  tensors[key][0, 0] = np.nan
+  save_file(tensors, str(folder / "model.safetensors"))
+  _fails(capsys, ["evaluate", "--model", str(folder), "--task", "rte", "--data-dir", GLUE,
+                  "--max-seq-length", "32"], 2, "non-finite weights")
+  _fails(capsys, [*BASE, "--mode", "vanilla", "--model", str(folder), "--output-dir",
+                  str(tmp_path / "out")], 2, "non-finite weights")
+  assert not (tmp_path / "out").exists()
+
+
+def test_misleading_mask_files_get_the_right_message(tmp_path, capsys):
+  text = tmp_path / "text.npz"
+  text.write_text("not a mask")
+  npy = tmp_path / "mask.npy"
+  np.save(npy, np.ones(3, bool))
+  pickled = tmp_path / "pickled.npz"
+  np.savez(pickled, w=np.array([{"a": 1}], dtype=object))
+  for path, message in ((text, "not an .npz archive"), (npy, "not an .npz archive"),
+                        (tmp_path, "is a folder"), (pickled, "holds Python objects")):
+    _fails(capsys, ["overlap", str(path), str(path)], 2, message)
+    assert "allow_pickle" not in capsys.readouterr().err
+
+
+def test_output_dir_a_dangling_link_and_a_truncated_model(tmp_path, capsys):
+  link = tmp_path / "link"
+  link.symlink_to(tmp_path / "nowhere")
+  _fails(capsys, [*BASE, "--mode", "vanilla", "--output-dir", str(link)], 2,
+         "symbolic link")
+  from childtune_jax import models
+
+  model = _tiny_model()
+  folder = tmp_path / "truncated"
+  models.save_pretrained(model, str(folder))
+  shutil.copy(os.path.join(TINY, "vocab.txt"), folder)
+  shutil.copy(os.path.join(TINY, "tokenizer_config.json"), folder)
+  weights = folder / "model.safetensors"
+  assert oct(os.stat(weights).st_mode & 0o777) == oct(0o666 & ~_umask())  # not 0600
+  weights.write_bytes(weights.read_bytes()[:-100])
+  out = tmp_path / "out"
+  _fails(capsys, [*BASE, "--mode", "vanilla", "--model", str(folder), "--output-dir", str(out)],
+         2, "truncated")
+  assert not out.exists()  # no run.json: the next plain run is not refused as unfinished
+
+
+def _tiny_model():
+  from flax import nnx
+
+  from childtune_jax import models
+
+  cfg = models.EncoderConfig.from_file(os.path.join(TINY, "config.json"), num_labels=2)
+  return models.SequenceClassifier(cfg, rngs=nnx.Rngs(0))
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_argument_errors_and_sigterm_read_as_every_other_error(tmp_path, capsys):
+  import signal
+  import subprocess
+  import sys
+
+  with pytest.raises(SystemExit) as e:
+    cli.main(["train", "--task", "rte", "--mode", "nonsense", "--output-dir", "x"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("childtune: error: argument --mode") and len(err.splitlines()) == 1
+  out = tmp_path / "term"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "childtune_jax", *BASE, "--mode", "F", "--epochs", "10",
+       "--save-every", "1", "--output-dir", str(out)],
+      stderr=subprocess.PIPE, text=True)
+  deadline = 120
+  import time
+
+  start = time.time()
+  while not (out / "seed-42" / "checkpoints").exists() and time.time() - start < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  lines = [line for line in err.splitlines() if "childtune: error" in line or "Traceback" in line]
+  assert lines == ["childtune: error: interrupted (SIGTERM); finished runs are untouched "
+                   "(--resume continues)"], err
+  assert "Traceback" not in err and "Event loop is closed" not in err
+  assert cli.main([*BASE, "--mode", "F", "--epochs", "10", "--save-every", "1",
+                   "--output-dir", str(out), "--resume"]) == 0
+
+
+def test_a_full_disk_while_saving_the_model_is_one_line(tmp_path, capsys, monkeypatch):
+  import safetensors.numpy
+  from safetensors import SafetensorError
+
+  def full(*args, **kwargs):
+    raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                          "StorageFull, message: \"No space left on device\" })")
+
+  monkeypatch.setattr(safetensors.numpy, "save_file", full)
+  out = tmp_path / "full"
+  _fails(capsys, [*BASE[:-1], "--mode", "vanilla", "--output-dir", str(out)], 1,
+         "No space left on device")
+  assert not (out / "seed-42" / "results.json").exists()
+  assert not (out / "seed-42" / "model.tmp").exists()

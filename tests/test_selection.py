@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from childtune_jax.app import cli, data, train
-from childtune_jax.app.checkpoints import RESERVE_P_KEY
+from childtune_jax.app.errors import UsageError
+from childtune_jax.app.maskfile import RESERVE_P_KEY
 
 HERE = os.path.dirname(__file__)
 GLUE = os.path.join(HERE, "fixtures", "glue")
@@ -151,7 +152,7 @@ def test_child_mask_of_another_reserve_p_is_refused(tmp_path, capsys):
   # ... and by the library too, for a caller that skips the CLI's checks
   run = types.SimpleNamespace(cfg=types.SimpleNamespace(child_mask=str(given), seed=1,
                                                         reserve_p=0.3), results={})
-  with pytest.raises(ValueError, match="reserve_p 0.2, not this run's 0.3"):
+  with pytest.raises(UsageError, match="reserve_p 0.2, not --reserve-p 0.3"):
     train.given_network(run, None)
   # A file that records nothing (written before files did) is taken as it is, and its
   # copy in the new run records nothing either.

@@ -10,3 +10,9 @@ sharding helpers) never imports this package; the application is one user of it.
 - :mod:`~childtune_jax.app.data`, :mod:`~childtune_jax.app.metrics`,
   :mod:`~childtune_jax.app.files`: GLUE data, metrics, and files written atomically.
 """
+
+import os as _os
+
+# The application uses transformers for tokenizers only: its "PyTorch was not found"
+# advice, printed at import, is noise here (set the variable to 0 to see it again).
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

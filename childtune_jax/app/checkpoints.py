@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run, and child networks saved as ``.npz`` files."""
+"""Orbax checkpoints of a run: params, optimizer state (PRNG keys included), step, losses."""
 
 from __future__ import annotations
 
@@ -10,62 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from childtune_jax import _tree
-from childtune_jax.app import files
-
-RESERVE_P_KEY = "__reserve_p__"  # in a mask file: the reserve_p that sized the network
-
-
-def save_keep(path: str, keep: Any, *, reserve_p: float | None = None) -> None:
-  """Saves a bool pytree as ``.npz`` keyed by leaf path, atomically.
-
-  ``reserve_p``: the fraction that sized the network, stored beside the masks (under
-  :data:`RESERVE_P_KEY`) so that a run given this file can check it against its own.
-  """
-  leaves = jax.tree_util.tree_leaves(keep)
-  arrays = {p: np.asarray(x) for p, x in zip(_tree.leaf_paths(keep), leaves)}
-  if reserve_p is not None:
-    arrays[RESERVE_P_KEY] = np.float64(reserve_p)
-  with files.replacing(path) as tmp:
-    np.savez_compressed(tmp, **arrays)
-
-
-def split_reserve_p(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float | None]:
-  """A mask file's arrays split into its masks and the ``reserve_p`` it records.
-
-  The record is ``None`` for an older file, or a network not sized by a fraction.
-
-  Raises:
-    ValueError: a record that is not one float in (0, 1].
-  """
-  masks = dict(arrays)
-  reserve_p = masks.pop(RESERVE_P_KEY, None)
-  if reserve_p is None:
-    return masks, None
-  if reserve_p.shape or reserve_p.dtype.kind != "f" or not 0 < reserve_p <= 1:
-    raise ValueError(f"{RESERVE_P_KEY} is {reserve_p.tolist()}, not a fraction in (0, 1]")
-  return masks, float(reserve_p)
-
-
-def saved_reserve_p(path: str) -> float | None:
-  """The ``reserve_p`` the mask file at ``path`` records, as :func:`split_reserve_p`."""
-  with np.load(path) as f:
-    record = {RESERVE_P_KEY: f[RESERVE_P_KEY]} if RESERVE_P_KEY in f.files else {}
-  return split_reserve_p(record)[1]
-
-
-def load_keep(path: str, like: Any) -> Any:
-  """Loads a mask saved by :func:`save_keep` into the structure of ``like``."""
-  with np.load(path) as f:
-    arrays = dict(f)
-  leaves = []
-  for p in _tree.leaf_paths(like):
-    if p not in arrays:
-      raise ValueError(f"{path} has no mask for parameter {p!r}")
-    leaves.append(jnp.asarray(arrays[p]))
-  keep = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
-  _tree.check_bool(path, keep)
-  _tree.check_structure(path, keep, like)
-  return keep
+from childtune_jax.app import interrupts
 
 
 def _is_key(x: Any) -> bool:
@@ -119,8 +64,9 @@ class Checkpoints:
     tree = {"params": params, "opt_state": _keys_to_data(opt_state)}
     if losses is not None:
       tree["losses"] = np.asarray(losses, np.float32)
-    self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
-    self.manager.wait_until_finished()
+    with interrupts.deferred():  # Ctrl-C waits for the save: no orbax thread cut off mid-write
+      self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
+      self.manager.wait_until_finished()
 
   def restore_latest(
       self, params: Any, opt_state: Any, losses: np.ndarray | None = None

@@ -20,14 +20,11 @@ from typing import Any
 import numpy as np
 
 from childtune_jax import _tree
-from childtune_jax.app import data, files, presets
+from childtune_jax.app import data, files, interrupts, maskfile, presets, rundir
+from childtune_jax.app.errors import TrainingFailed, UsageError
 
 logger = logging.getLogger("childtune")
 DEMO_DATA = os.path.join(os.path.dirname(__file__), "demo_data")
-
-
-class UsageError(Exception):
-  """Bad input: printed as one line, exit status 2."""
 
 
 def _checked(convert: type, ok: Any, requirement: str) -> Any:
@@ -86,7 +83,7 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
     p.add_argument("--combine", choices=COMBINE, default="normalized-sum",
                    help="shared-D: each task's Fisher over its own total, summed (default), or "
                         "the union / intersection of each task's top-p network")
-    p.add_argument("--temperature", type=_checked(float, lambda v: v > 0, "must be > 0"),
+    p.add_argument("--temperature", type=_positive_float,
                    default=1.0, help="task sampling: p_t proportional to n_t^(1/T) (default 1: "
                                      "proportional to the tasks' examples; large: uniform)")
   else:
@@ -209,10 +206,11 @@ def _add_train_options(p: argparse.ArgumentParser, multitask: bool = False) -> N
 
 
 class _Parser(argparse.ArgumentParser):
-  """argparse with errors in one line (no usage block): ``childtune train: error: ...``."""
+  """argparse with errors in one line (no usage block), as every other error:
+  ``childtune: error: ... (see childtune train --help)``."""
 
   def error(self, message: str) -> None:
-    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    self.exit(2, f"childtune: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_evaluate_parser(sub: Any) -> None:
@@ -308,6 +306,11 @@ def _text_columns(args: argparse.Namespace) -> list[str]:
   cols = [c for c in args.text_columns.split(",") if c]
   if not 1 <= len(cols) <= 2:
     raise UsageError(f"--text-columns takes one or two names, got {args.text_columns!r}")
+  if args.label_column in cols:
+    raise UsageError(f"--label-column {args.label_column} is also one of --text-columns: the "
+                     "label would be fed to the model as text")
+  if len(set(cols)) != len(cols):
+    raise UsageError(f"--text-columns names {cols[0]} twice")
   return cols
 
 
@@ -375,7 +378,12 @@ def _check_model(name: str, max_seq_length: int, backend: str = "nnx") -> None:
         raise ModelError(f"--max-seq-length {max_seq_length} exceeds the {positions} positions "
                          f"of the model in {path}")
     from childtune_jax.app.loading import load_tokenizer
+    from childtune_jax.models.loading import CheckpointKeyError, check_safetensors
 
+    try:
+      check_safetensors(path)
+    except CheckpointKeyError as e:
+      raise ModelError(str(e)) from None
     try:
       load_tokenizer(path)
     except ModelError:
@@ -394,13 +402,6 @@ def _check_model(name: str, max_seq_length: int, backend: str = "nnx") -> None:
     raise ModelError(
         f"cannot reach the Hugging Face hub for {path!r} (no network?); "
         "pass a local model folder with --model DIR") from None
-
-
-def _finished(out: str) -> bool:
-  if os.path.exists(os.path.join(out, "summary.json")):
-    return True
-  return os.path.isdir(out) and any(
-      os.path.exists(os.path.join(out, d, files.RESULTS_FILE)) for d in os.listdir(out))
 
 
 def summarize(all_results: dict[int, dict], task: data.Task) -> dict:
@@ -534,35 +535,6 @@ def _train_config(args: argparse.Namespace, task: data.Task, seed: int):
       eval_tasks=",".join(args.eval_task) if args.eval_task else None)
 
 
-STAGING = ".childtune-overwrite"  # where --overwrite runs until it replaces the old run
-
-
-def _is_seed_dir(out: str, name: str) -> bool:
-  """``seed-<n>`` folders that childtune wrote (a user's ``seed-42-backup/`` is not one)."""
-  path = os.path.join(out, name)
-  return (name.startswith("seed-") and name[5:].isdigit() and os.path.isdir(path)
-          and any(os.path.exists(os.path.join(path, f)) for f in files.SEED_FILES))
-
-
-def _own_entries(out: str) -> list[str]:
-  """What childtune wrote in ``out``: its seed folders and the summary."""
-  return [n for n in sorted(os.listdir(out))
-          if _is_seed_dir(out, n) or n == "summary.json" and os.path.isfile(os.path.join(out, n))]
-
-
-def _replace_run(out: str, staged: str) -> None:
-  """Moves the finished run in ``staged`` into ``out`` in place of the old one."""
-  trash = os.path.join(out, STAGING + "-old")
-  shutil.rmtree(trash, ignore_errors=True)
-  os.makedirs(trash)
-  for name in _own_entries(out):
-    os.replace(os.path.join(out, name), os.path.join(trash, name))
-  for name in os.listdir(staged):
-    os.replace(os.path.join(staged, name), os.path.join(out, name))
-  shutil.rmtree(staged)
-  shutil.rmtree(trash)
-
-
 def _writable(out: str, option: str = "--output-dir") -> None:
   """Fails early on an output folder that cannot be created or written."""
   parent = out
@@ -615,39 +587,44 @@ def _mask_files(args: argparse.Namespace, *options: tuple[str, str | None]
   return masks
 
 
-def _check_mask_files(masks: dict[str, list[str]], shapes: Callable[[], Any],
-                      reserve_p: float) -> None:
+def _check_mask_files(args: argparse.Namespace, masks: dict[str, list[str]],
+                      shapes: Callable[[], Any]) -> None:
   """Every file of :func:`_mask_files` against the model's ``shapes()`` (made once, if any).
 
-  A ``--child-mask`` file that records the reserve_p of its network must record ``reserve_p``.
+  A ``--child-mask`` file must be of the run's ``--reserve-p`` and of its seed, where it
+  records them.
   """
   if not any(masks.values()):
     return
   like = shapes()
   for option, paths in masks.items():
     for path in paths:
-      saved = _check_mask_file(option, path, like)
-      if option == "--child-mask" and saved is not None and saved != reserve_p:
-        raise UsageError(f"{option} {path} holds a child network of reserve_p {saved:g}, "
-                         f"not --reserve-p {reserve_p:g}")
+      rec = maskfile.check(option, path, like)
+      if option == "--child-mask":
+        for seed in args.seeds:
+          if files.for_seed(args.child_mask, seed) == path:
+            maskfile.check_given(path, rec, reserve_p=args.reserve_p, seed=seed)
 
 
-def _check_mask_file(option: str, path: str, shapes: Any) -> float | None:
-  """A mask file must hold a bool array of the right shape for every parameter of ``shapes``.
-
-  Returns the reserve_p the file records, if any.
-  """
-  import jax
-
-  masks, reserve_p = _load_mask_file(path)
-  for leaf, like in zip(_tree.leaf_paths(shapes), jax.tree_util.tree_leaves(shapes)):
-    if leaf not in masks:
-      raise UsageError(f"{option} {path} has no mask for parameter {leaf!r}")
-    got = masks[leaf]
-    if got.dtype != np.bool_ or got.shape != tuple(like.shape):
-      raise UsageError(f"{option} {path}: the mask of {leaf!r} is {got.dtype}{list(got.shape)}, "
-                       f"expected bool{list(like.shape)}")
-  return reserve_p
+def _check_schedule(args: argparse.Namespace, batches_per_epoch: int) -> None:
+  """Refuses a run whose schedule would leave it doing nothing it is labelled as doing."""
+  micro_steps = batches_per_epoch * args.epochs
+  steps = math.ceil(micro_steps / args.grad_accum)
+  if micro_steps < args.grad_accum:
+    raise UsageError(f"--grad-accum {args.grad_accum} is more than the run's {micro_steps} "
+                     "batches: it would take no optimizer step")
+  if micro_steps % args.grad_accum:
+    logger.warning("--grad-accum %d: the last %d of the run's %d batches make no optimizer "
+                   "step", args.grad_accum, micro_steps % args.grad_accum, micro_steps)
+    steps = micro_steps // args.grad_accum
+  if args.mode == "dynamic":
+    every = args.every or max(1, round(0.05 * steps))
+    full_stage = every if args.full_stage is None else args.full_stage
+    if full_stage >= steps:
+      given = ("--full-stage" if args.full_stage is not None
+               else "--every (the default --full-stage)")
+      raise UsageError(f"{given} {full_stage} is not shorter than the run's {steps} optimizer "
+                       "steps: the network would never be selected (a vanilla run)")
 
 
 def _check_run_options(args: argparse.Namespace) -> str | None:
@@ -664,11 +641,15 @@ def _check_run_options(args: argparse.Namespace) -> str | None:
   except parallel.MeshError as e:
     raise UsageError(str(e)) from None
   out = args.output_dir
-  if _finished(out) and not (args.resume or args.overwrite):
-    raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
+  if os.path.islink(out) and not os.path.exists(out):
+    raise UsageError(f"--output-dir {out} is a symbolic link to {os.readlink(out)}, "
+                     "which does not exist")
   if os.path.exists(out) and not os.path.isdir(out):
     raise UsageError(f"--output-dir {out} is a file")
   _writable(out)
+  if len(set(args.seeds)) != len(args.seeds):
+    twice = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    raise UsageError(f"--seeds names seed {twice[0]} more than once")
   cache = getattr(args, "compilation_cache", None)
   if cache:
     _writable(cache, "--compilation-cache")
@@ -689,16 +670,40 @@ def _check_run_options(args: argparse.Namespace) -> str | None:
   return cache
 
 
+@contextlib.contextmanager
+def _output_folder(args: argparse.Namespace) -> Iterator[None]:
+  """The output folder, locked against other commands (process 0 holds the lock) while the
+  block runs, after what an interrupted ``--overwrite`` left is put right; a finished run
+  there needs ``--resume`` or ``--overwrite``."""
+  from childtune_jax import parallel
+
+  out = args.output_dir
+  primary = parallel.is_primary()
+  with rundir.locked(out) if primary else contextlib.nullcontext():
+    if primary:
+      rundir.recover(out)
+    parallel.barrier("recovered")
+    if rundir.finished(out) and not (args.resume or args.overwrite):
+      raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
+    yield
+
+
 def _preset_defaults(args: argparse.Namespace, task: str | None) -> list[str]:
   """Fills ``--learning-rate`` and ``--reserve-p``, where not given, from ``--preset``.
 
-  Without ``--preset``: ``tuned`` for the default model (the model the study tuned), and
-  ``reference`` for any other. Returns what it filled, in words.
+  Without ``--preset``: ``tuned`` for the model the study tuned, known by its weights
+  (:func:`presets.default_preset`), and ``reference`` for any other; the log says which it
+  matched. Returns what it filled, in words.
   """
-  from childtune_jax.app.loading import DEFAULT_MODEL
+  from childtune_jax.app.loading import ModelError, resolve_model_path
 
   if args.preset is None:
-    args.preset = "tuned" if args.model == DEFAULT_MODEL else "reference"
+    try:
+      folder = resolve_model_path(args.model)
+    except ModelError:  # the default model's package is missing: said when it loads
+      folder = None
+    args.preset, why = presets.default_preset(args.model, folder)
+    logger.info("--preset %s: %s", args.preset, why)
   filled = []
   if args.learning_rate is None:
     args.learning_rate = presets.PRESETS[args.preset].lr(args.mode)
@@ -740,16 +745,17 @@ def train_command(args: argparse.Namespace) -> dict:
     raise UsageError("--freeze-non-child is for modes F and D")
   filled = _preset_defaults(args, task.name)
   cache = _check_run_options(args)
-  train_set, evals, n_train = _load_checked(args, task)
-  _preset_epochs(args, math.ceil(n_train / args.batch_size), filled)
-  _check_model(args.model, args.max_seq_length, args.backend)
-  _check_mask_files(masks, lambda: loading.param_shapes(args.model, task.num_labels,
-                                                        args.backend), args.reserve_p)
-  summary = _run_seeds(args, cache, task, lambda seed: _train_config(args, task, seed),
-                       lambda cfg, seed_dir: train.run(
-                           cfg, train_set, evals, seed_dir, resume=args.resume,
-                           keep_like_d=files.for_seed(args.random_like, cfg.seed)))
-  return summary
+  with _output_folder(args):
+    train_set, evals, n_train = _load_checked(args, task)
+    _preset_epochs(args, math.ceil(n_train / args.batch_size), filled)
+    _check_schedule(args, math.ceil(n_train / args.batch_size))
+    _check_model(args.model, args.max_seq_length, args.backend)
+    _check_mask_files(args, masks, lambda: loading.param_shapes(args.model, task.num_labels,
+                                                                args.backend))
+    return _run_seeds(args, cache, task, lambda seed: _train_config(args, task, seed),
+                      lambda cfg, seed_dir: train.run(
+                          cfg, train_set, evals, seed_dir, resume=args.resume,
+                          keep_like_d=files.for_seed(args.random_like, cfg.seed)))
 
 
 def _run_seeds(args: argparse.Namespace, cache: str | None, task: data.Task,
@@ -767,17 +773,18 @@ def _run_seeds(args: argparse.Namespace, cache: str | None, task: data.Task,
   for seed in args.seeds:  # before anything runs: a mismatch touches nothing
     if args.resume:
       _check_same_run(os.path.join(out, f"seed-{seed}"), config(seed))
-    elif not args.overwrite and os.path.isdir(out) and _is_seed_dir(out, f"seed-{seed}"):
+    elif not args.overwrite and os.path.isdir(out) and rundir.is_seed_dir(out, f"seed-{seed}"):
       raise UsageError(f"{out} holds an unfinished run of seed {seed}: pass --resume to continue "
                        "it or --overwrite to replace it")
   # --overwrite runs beside the old run and replaces it only once every seed has finished:
   # a failure or an interrupt on the way leaves the old run as it was.
-  staging = args.overwrite and os.path.isdir(out) and bool(_own_entries(out))
-  run_root = os.path.join(out, STAGING) if staging else out
+  staging = args.overwrite and os.path.isdir(out) and bool(rundir.own_entries(out))
+  run_root = os.path.join(out, rundir.STAGING) if staging else out
   primary = parallel.is_primary()  # in a multi-host run, the one process that writes
   parallel.barrier("checked")  # every process has looked at the old run before it changes
-  if staging and primary:
-    shutil.rmtree(run_root, ignore_errors=True)  # left by an interrupted --overwrite
+  if staging and primary and os.path.exists(run_root):
+    logger.warning("removing %s, the unfinished new run of an interrupted --overwrite", run_root)
+    shutil.rmtree(run_root)
   if primary:
     os.makedirs(run_root, exist_ok=True)
   parallel.barrier("staged")
@@ -799,13 +806,14 @@ def _run_seeds(args: argparse.Namespace, cache: str | None, task: data.Task,
       shutil.rmtree(run_root, ignore_errors=True)
     raise
   if staging and primary:
-    _replace_run(out, run_root)
+    with interrupts.deferred():  # the swap is not cut short half way
+      rundir.replace_run(out, run_root)
   parallel.barrier("replaced")
   results.update(_other_seeds(out, results, config(args.seeds[0])))
   summary = summarize(results, task)
   summary["mode"] = args.mode
   if primary:
-    files.write_json(os.path.join(out, "summary.json"), summary)
+    files.write_json(os.path.join(out, files.SUMMARY_FILE), summary)
   print(format_table([(args.mode, summary)]))
   return summary
 
@@ -822,13 +830,22 @@ def multitask_command(args: argparse.Namespace) -> dict:
   masks = _mask_files(args, ("--child-mask", args.child_mask))
   filled = _preset_defaults(args, None)
   cache = _check_run_options(args)
-  loaded = {task.name: _load_checked(args, task) for task in tasks}
-  datasets = {name: (train, evals) for name, (train, evals, _) in loaded.items()}
-  _preset_epochs(args, sum(math.ceil(n / args.batch_size) for _, _, n in loaded.values()),
-                 filled)
-  _check_model(args.model, args.max_seq_length, args.backend)
-  _check_mask_files(masks, lambda: multitask.param_shapes(args.model, tasks, args.backend),
-                    args.reserve_p)
+  with _output_folder(args):
+    loaded = {task.name: _load_checked(args, task) for task in tasks}
+    datasets = {name: (train, evals) for name, (train, evals, _) in loaded.items()}
+    batches = sum(math.ceil(n / args.batch_size) for _, _, n in loaded.values())
+    _preset_epochs(args, batches, filled)
+    _check_schedule(args, batches)
+    _check_model(args.model, args.max_seq_length, args.backend)
+    _check_mask_files(args, masks,
+                      lambda: multitask.param_shapes(args.model, tasks, args.backend))
+    return _multitask_seeds(args, cache, tasks, datasets)
+
+
+def _multitask_seeds(args: argparse.Namespace, cache: str | None, tasks: list[data.Task],
+                     datasets: dict) -> dict:
+  from childtune_jax.app import multitask
+
   joined = data.Task(",".join(args.tasks), (), "", None,
                      tuple(dict.fromkeys(m for t in tasks for m in t.metrics)), "")
 
@@ -957,34 +974,6 @@ def demo_command(args: argparse.Namespace) -> list:
   return rows
 
 
-def _load_mask_file(path: str) -> tuple[dict[str, Any], float | None]:
-  """The masks of a mask ``.npz`` (as written by ``train``) and the reserve_p it records.
-
-  A file that is not one gets a one-line error.
-  """
-  from childtune_jax.app.checkpoints import split_reserve_p
-
-  if not os.path.isfile(path):
-    raise UsageError(f"mask file {path} does not exist")
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      if not isinstance(f, np.lib.npyio.NpzFile):
-        raise UsageError(f"{path} is not a mask .npz written by childtune train")
-      arrays = dict(f)
-  except UsageError:
-    raise
-  except Exception as e:  # noqa: BLE001 - a corrupt file fails in many ways
-    raise UsageError(f"cannot read mask {path}: {type(e).__name__}: {e}") from None
-  try:
-    masks, reserve_p = split_reserve_p(arrays)
-  except ValueError as e:
-    raise UsageError(f"{path}: {e}") from None
-  for name, array in masks.items():
-    if array.dtype != np.bool_:
-      raise UsageError(f"{path}: the mask of {name!r} is {array.dtype}, not bool")
-  return masks, reserve_p
-
-
 def overlap_matrices(masks: list[dict], where: Any) -> dict:
   """Pairwise overlap of child networks, with what their sizes alone would give.
 
@@ -992,7 +981,8 @@ def overlap_matrices(masks: list[dict], where: Any) -> dict:
   smaller network lies inside the larger); ``random_jaccard`` is the Jaccard that
   independent random networks of the same sizes have, ab / (a + b - ab) for kept
   fractions a and b (its limit for large networks). Jaccard alone misleads across sizes:
-  a 10% network inside a 30% one has Jaccard 1/3.
+  a 10% network inside a 30% one has Jaccard 1/3. A ratio of 0/0 (two empty networks; an
+  empty one's overlap) is undefined: ``nan``, ``null`` in JSON.
   """
   from childtune_jax.masks import jaccard, kept_fraction
 
@@ -1002,12 +992,16 @@ def overlap_matrices(masks: list[dict], where: Any) -> dict:
   for i in range(n):
     for j in range(i, n):
       (ka, total), (kb, _) = sizes[i], sizes[j]
-      jac = 1.0 if i == j else jaccard(masks[i], masks[j], where=where)
-      inter = jac * (ka + kb) / (1 + jac)  # from |A u B| = |A| + |B| - |A n B|
+      if i == j:
+        jac = 1.0 if ka else math.nan
+      else:
+        jac = jaccard(masks[i], masks[j], where=where)
+      inter = 0.0 if math.isnan(jac) else jac * (ka + kb) / (1 + jac)  # |A u B| = |A|+|B|-|A n B|
       a, b = ka / total, kb / total
-      smaller = min(ka, kb)  # an empty network lies inside any other: overlap 1
-      for name, value in (("jaccard", jac), ("overlap", inter / smaller if smaller else 1.0),
-                          ("random_jaccard", a * b / (a + b - a * b) if a + b else 1.0)):
+      smaller = min(ka, kb)
+      for name, value in (("jaccard", jac),
+                          ("overlap", inter / smaller if smaller else math.nan),
+                          ("random_jaccard", a * b / (a + b - a * b) if a + b else math.nan)):
         out[name][i, j] = out[name][j, i] = value
   return {"kept_fraction": [k / t for k, t in sizes],
           **{name: m.tolist() for name, m in out.items()}}
@@ -1018,8 +1012,9 @@ def _print_matrix(title: str, names: list[str], matrix: Any) -> None:
   print(title)
   print(" " * width + "  " + "  ".join(x.rjust(6) for x in names))
   for name, row in zip(names, matrix):
-    print(name.ljust(width) + "  " + "  ".join(f"{v:6.3f}".rjust(max(6, len(x)))
-                                               for v, x in zip(row, names)))
+    print(name.ljust(width) + "  " + "  ".join(
+        ("undef." if math.isnan(v) else f"{v:6.3f}").rjust(max(6, len(x)))
+        for v, x in zip(row, names)))
 
 
 def overlap_command(args: argparse.Namespace) -> dict:
@@ -1039,7 +1034,7 @@ def overlap_command(args: argparse.Namespace) -> dict:
   for option, path in (("--json", args.json), ("--plot", args.plot)):
     if path:
       _writable_file(path, option)
-  masks = [{k: jnp.asarray(v) for k, v in _load_mask_file(m)[0].items()} for m in args.masks]
+  masks = [{k: jnp.asarray(v) for k, v in maskfile.read(m)[0].items()} for m in args.masks]
   for out in (args.json, args.plot):
     if out:
       os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -1073,8 +1068,10 @@ def overlap_command(args: argparse.Namespace) -> dict:
       ax.set_yticks(range(n), names)
       for i in range(n):
         for j in range(n):
-          ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                  color="white" if matrix[i, j] < 0.6 else "black")
+          undefined = math.isnan(matrix[i, j])
+          ax.text(j, i, "n/a" if undefined else f"{matrix[i, j]:.2f}", ha="center",
+                  va="center", fontsize=8,
+                  color="black" if undefined or matrix[i, j] >= 0.6 else "white")
       fig.colorbar(im, ax=ax, fraction=0.046)
       ax.set_title(label)
     fig.suptitle("Overlap of Child-Tuning_D child networks")
@@ -1090,7 +1087,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``childtune``; returns the exit status (2 for bad input)."""
   from childtune_jax.app.checkpoints import CheckpointError
   from childtune_jax.app.loading import ModelError
-  from childtune_jax.app.train import TrainingFailed
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")
@@ -1102,11 +1098,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   commands = {"train": train_command, "multitask": multitask_command, "demo": demo_command,
               "evaluate": evaluate_command, "overlap": overlap_command}
   try:
-    if args.command in ("train", "multitask", "demo", "evaluate"):
-      from childtune_jax import parallel
+    with interrupts.sigterm_as_interrupt():
+      if args.command in ("train", "multitask", "demo", "evaluate"):
+        from childtune_jax import parallel
 
-      parallel.initialize_if_distributed()
-    commands[args.command](args)
+        parallel.initialize_if_distributed()
+      commands[args.command](args)
   except (UsageError, data.DataError, ModelError, CheckpointError) as e:
     print(f"childtune: error: {e}", file=sys.stderr)
     return 2
@@ -1118,12 +1115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"childtune: error: {e.strerror or e}{where}; finished runs are untouched",
           file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print("childtune: error: interrupted; finished runs are untouched (--resume continues)",
-          file=sys.stderr)
+  except KeyboardInterrupt as e:
+    how = f" ({e})" if str(e) == "SIGTERM" else ""
+    print(f"childtune: error: interrupted{how}; finished runs are untouched (--resume "
+          "continues)", file=sys.stderr)
     return 130
   return 0
 
 
 def console_main() -> None:
-  sys.exit(main())
+  status = main()
+  if status == 130:  # interrupted: leave without tearing down XLA's and orbax's threads,
+    sys.stdout.flush()  # which can crash the interpreter's shutdown after an interrupt
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)

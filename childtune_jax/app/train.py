@@ -29,8 +29,9 @@ import optax
 from tqdm.auto import tqdm
 
 from childtune_jax import _tree, parallel
-from childtune_jax.app import data, files, loading
-from childtune_jax.app.checkpoints import Checkpoints, load_keep, save_keep, saved_reserve_p
+from childtune_jax.app import data, files, interrupts, loading, maskfile
+from childtune_jax.app.checkpoints import Checkpoints
+from childtune_jax.app.errors import TrainingFailed
 from childtune_jax.app.loading import DEFAULT_MODEL
 from childtune_jax.app.metrics import glue_metrics
 from childtune_jax.dynamic import (
@@ -47,10 +48,6 @@ logger = logging.getLogger(__name__)
 
 MODES = ("vanilla", "F", "D", "random", "dynamic")
 SELECTION = "selection"  # the name of the selection split among the evaluation splits
-
-
-class TrainingFailed(RuntimeError):
-  """A run that cannot finish (e.g. a non-finite loss): exit status 1, last good checkpoint kept."""
 
 
 @dataclasses.dataclass
@@ -245,7 +242,7 @@ class TrainState:
 
 
 def start(cfg: TrainConfig, out_dir: str, task: data.Task | None = None) -> Run:
-  """The mesh and the seed's folder, where a fresh run records what a resume must match.
+  """The mesh and the seed's folder (see :func:`record_config`).
 
   ``task``: the run's task (default ``data.TASKS[cfg.task]``; a multi-task run's first).
   """
@@ -254,11 +251,17 @@ def start(cfg: TrainConfig, out_dir: str, task: data.Task | None = None) -> Run:
   mesh = parallel.make_mesh(axes)
   parallel.check_batch(mesh, cfg.batch_size, "--batch-size")
   primary = parallel.is_primary()
-  os.makedirs(out_dir, exist_ok=True)
-  if primary and not os.listdir(out_dir):
-    files.write_json(os.path.join(out_dir, files.RUN_FILE), {"config": dataclasses.asdict(cfg)})
   results: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
   return Run(cfg, task, out_dir, mesh, axes, primary, results, timings={})
+
+
+def record_config(r: Run) -> None:
+  """A fresh seed folder records what a resume must match (``run.json``), once the model and
+  data have loaded: a run that fails to load them leaves no folder behind."""
+  os.makedirs(r.out_dir, exist_ok=True)
+  if r.primary and not os.listdir(r.out_dir):
+    files.write_json(os.path.join(r.out_dir, files.RUN_FILE),
+                     {"config": dataclasses.asdict(r.cfg)})
 
 
 def classifier_for(cfg: TrainConfig, task: data.Task) -> tuple[loading.Classifier, Any]:
@@ -320,6 +323,7 @@ def load(r: Run, train_set: data.Examples, evals: dict[str, data.Examples]
   r.results["data_sha256"] = digests
   model.params = place(r, model.params)
   r.timings["load_s"] = time.perf_counter() - t
+  record_config(r)
   return model, splits
 
 
@@ -351,7 +355,7 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
   mask_path = os.path.join(r.out_dir, files.MASK_FILE)
   reserve_p = cfg.reserve_p  # what sized the network, saved with it
   if resume and os.path.exists(mask_path):
-    keep, reserve_p = load_keep(mask_path, params), saved_reserve_p(mask_path)
+    keep, reserve_p = maskfile.load(mask_path, params), maskfile.record(mask_path).reserve_p
   elif cfg.child_mask:
     keep, reserve_p = given_network(r, params)
   elif cfg.mode == "D":
@@ -362,7 +366,8 @@ def child_network(r: Run, loss_fn: Callable, params: Any, splits: Splits, *, res
   else:
     size = {"reserve_p": cfg.reserve_p}
     if keep_like_d:
-      size = {"count": kept_fraction(load_keep(keep_like_d, params), where=is_encoder_layer)[0]}
+      size = {"count": kept_fraction(maskfile.load(keep_like_d, params),
+                                     where=is_encoder_layer)[0]}
       reserve_p = None
     keep = random_keep(cfg.seed + 1_000_003, params, **size, where=is_encoder_layer)
   record_network(r, keep, mask_path, reserve_p)
@@ -376,13 +381,11 @@ def given_network(r: Run, params: Any) -> tuple[Any, float | None]:
   is refused (the CLI checks this before any run starts).
   """
   given = files.for_seed(r.cfg.child_mask, r.cfg.seed)
-  reserve_p = saved_reserve_p(given)
-  if reserve_p is not None and reserve_p != r.cfg.reserve_p:
-    raise ValueError(f"{given} holds a child network of reserve_p {reserve_p:g}, "
-                     f"not this run's {r.cfg.reserve_p:g}")
-  keep = load_keep(given, params)
+  rec = maskfile.record(given)
+  maskfile.check_given(given, rec, reserve_p=r.cfg.reserve_p, seed=r.cfg.seed)
+  keep = maskfile.load(given, params)
   r.results["child_mask_sha256"] = files.sha256(given)
-  return keep, reserve_p
+  return keep, rec.reserve_p
 
 
 def fisher_pass(r: Run, loss_fn: Callable, params: Any, splits: Splits) -> Any:
@@ -415,7 +418,7 @@ def record_network(r: Run, keep: Any, mask_path: str, reserve_p: float | None) -
   """
   host_keep = jax.tree_util.tree_map(parallel.to_host, keep)
   if r.primary:
-    save_keep(mask_path, host_keep, reserve_p=reserve_p)
+    maskfile.save(mask_path, host_keep, reserve_p=reserve_p, seed=r.cfg.seed)
   kept, total = kept_fraction(keep, where=is_encoder_layer)
   r.results["child_network"] = {"kept": kept, "total": total, "fraction": kept / total}
   logger.info("child network: %d of %d encoder-layer scalars (%.2f%%)%s", kept, total,
@@ -713,21 +716,32 @@ def write_outputs(r: Run, plan: Plan, state: TrainState, ckpt: Checkpoints,
   ckpt.close()
   if r.cfg.save_model:  # gathered by every process (the parameters may span several)
     params = jax.tree_util.tree_map(parallel.to_host, state.params)
-  if r.primary:
-    if r.cfg.save_model:
-      model_dir = os.path.join(r.out_dir, files.MODEL_DIR)
-      tmp = model_dir + ".tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
-      save(tmp, params)
-      shutil.rmtree(model_dir, ignore_errors=True)
-      os.replace(tmp, model_dir)
-    files.write_json(os.path.join(r.out_dir, files.RESULTS_FILE), results)
-    shutil.rmtree(os.path.join(r.out_dir, files.CHECKPOINT_DIR), ignore_errors=True)
-    history_path = os.path.join(r.out_dir, files.HISTORY_FILE)
-    if os.path.exists(history_path):
-      os.remove(history_path)
+  with interrupts.deferred():  # a finished seed's files are written whole
+    if r.primary:
+      _write_finished(r, save, params if r.cfg.save_model else None)
   parallel.barrier(f"finished {r.out_dir}")  # no process reads a half-written folder
   return results
+
+
+def _write_finished(r: Run, save: Callable[[str, Any], None], params: Any) -> None:
+  """The model (whole or not at all; ``None``: not saved), results.json; then the
+  checkpoints and history go."""
+  if params is not None:
+    model_dir = os.path.join(r.out_dir, files.MODEL_DIR)
+    tmp = model_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+      save(tmp, params)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+  files.write_json(os.path.join(r.out_dir, files.RESULTS_FILE), r.results)
+  shutil.rmtree(os.path.join(r.out_dir, files.CHECKPOINT_DIR), ignore_errors=True)
+  history_path = os.path.join(r.out_dir, files.HISTORY_FILE)
+  if os.path.exists(history_path):
+    os.remove(history_path)
 
 
 def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Examples],

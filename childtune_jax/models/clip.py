@@ -314,13 +314,13 @@ def clip_to_pytorch_layout(model: ClipModel) -> dict[str, np.ndarray]:
 def save_clip(model: ClipModel, folder: str, config: dict) -> None:
   """Writes ``config.json`` (``config``, the original's) and ``model.safetensors`` in
   Hugging Face's layout: transformers' PyTorch ``CLIPModel.from_pretrained`` loads it."""
-  from safetensors.numpy import save_file
+  from childtune_jax.models.loading import write_safetensors
 
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
-  save_file(clip_to_pytorch_layout(model), os.path.join(folder, "model.safetensors"),
-            metadata={"format": "pt"})
+  write_safetensors(clip_to_pytorch_layout(model), os.path.join(folder, "model.safetensors"),
+                    metadata={"format": "pt"})
 
 
 def normalise_images(images: jax.Array, size: int,

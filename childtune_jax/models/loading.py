@@ -138,6 +138,23 @@ def to_pytorch_layout(model: SequenceClassifier) -> dict[str, np.ndarray]:
   return flax_to_pytorch_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def write_safetensors(tensors: dict[str, np.ndarray], path: str,
+                      metadata: dict[str, str] | None = None) -> None:
+  """``safetensors.numpy.save_file``, with the file's mode as ``open`` would make it (the
+  library makes it 0600) and a write error (a full disk) as one ``OSError``."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import save_file
+
+  try:
+    save_file(tensors, path, metadata=metadata)
+  except SafetensorError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "SafetensorError"
+    raise OSError(f"cannot write {path}: {first}") from None
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def save_pretrained(model: SequenceClassifier, folder: str, config: dict | None = None,
                     labels: Sequence[str] | None = None) -> None:
   """Writes ``config.json`` and ``model.safetensors`` in Hugging Face's layout.
@@ -146,8 +163,6 @@ def save_pretrained(model: SequenceClassifier, folder: str, config: dict | None 
   any version) loads the result. ``labels``: the class names in order, recorded as the
   config's ``id2label`` (default ``LABEL_0``, ``LABEL_1``, ...).
   """
-  from safetensors.numpy import save_file
-
   os.makedirs(folder, exist_ok=True)
   cfg = model.config
   arch = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
@@ -162,8 +177,8 @@ def save_pretrained(model: SequenceClassifier, folder: str, config: dict | None 
   out.pop("num_labels", None)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(out, f, indent=2, sort_keys=True)
-  save_file(to_pytorch_layout(model), os.path.join(folder, "model.safetensors"),
-            metadata={"format": "pt"})
+  write_safetensors(to_pytorch_layout(model), os.path.join(folder, "model.safetensors"),
+                    metadata={"format": "pt"})
 
 
 def read_flax_msgpack(folder: str) -> dict[str, np.ndarray]:
@@ -201,6 +216,30 @@ def flax_to_pytorch_layout(tree: dict) -> dict[str, np.ndarray]:
       name = "weight"
     out[".".join([*mods, name])] = np.ascontiguousarray(value).reshape(value.shape)  # 0-d too
   return out
+
+
+def check_safetensors(folder: str) -> None:
+  """Opens every safetensors file of ``folder`` (its header alone, not the tensors), so that
+  a truncated or damaged file is found before a run starts: a ``CheckpointKeyError``."""
+  from safetensors import SafetensorError, safe_open
+
+  names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+  for name in names:
+    try:
+      with safe_open(os.path.join(folder, name), framework="numpy"):
+        pass
+    except (SafetensorError, OSError) as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointKeyError(f"{os.path.join(folder, name)} is damaged or truncated: "
+                               f"{first}") from None
+
+
+def non_finite(tensors: dict[str, np.ndarray]) -> str | None:
+  """The first key of ``tensors`` holding a NaN or an infinity, if any."""
+  for key, value in tensors.items():
+    if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
+      return key
+  return None
 
 
 def read_checkpoint(folder: str) -> dict[str, np.ndarray] | None:
