@@ -24,7 +24,7 @@ from bench_train_step import SIZES
 from flax import nnx
 
 from childtune_jax.models import EncoderConfig, SequenceClassifier, load_params
-from childtune_jax.models.loading import flax_to_pytorch_layout
+from childtune_jax.models.checkpoint import flax_to_pytorch_layout
 
 TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(4e-5))
 

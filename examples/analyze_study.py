@@ -32,10 +32,11 @@ def majority_scores(glue: str, tasks: list[str]) -> dict[str, dict[str, float]]:
   """Every dev metric of always predicting the training set's most frequent label."""
   from childtune_jax.app import data
   from childtune_jax.app.metrics import glue_metrics
+  from childtune_jax.app.tasks import TASKS
 
   out = {}
   for task in tasks:
-    spec = data.TASKS[task]
+    spec = TASKS[task]
     train, evals = data.load_glue_folder(spec, glue)
     labels, counts = np.unique(train.labels, return_counts=True)
     dev = evals["dev"].labels

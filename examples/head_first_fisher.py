@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from childtune_jax import fisher_information, fisher_mask, is_encoder_layer, jaccard
-from childtune_jax.app import data, files
-from childtune_jax.app.loading import BACKENDS, DEFAULT_MODEL, load_classifier
+from childtune_jax.app import data, files, tasks
+from childtune_jax.app.classifier import BACKENDS, DEFAULT_MODEL, load_classifier
 from childtune_jax.app.maskfile import save as save_keep
 from childtune_jax.models import FAMILIES
 
@@ -84,7 +84,7 @@ def main() -> None:
   parser.add_argument("--json", help="write the Jaccard matrices here")
   parser.add_argument("--save-dir", help="keep each network as SAVE_DIR/steps-S/data-D-head-H.npz")
   args = parser.parse_args()
-  task = data.TASKS[args.task]
+  task = tasks.TASKS[args.task]
   train, _ = data.load_glue_folder(task, args.glue)
   pairs = [tuple(int(x) for x in p.split(":")) for p in args.pairs]
   names = [f"data {d} / head {h}" for d, h in pairs]

@@ -1,8 +1,23 @@
-"""Fixtures shared by the test modules."""
+"""What the test modules share: the fixtures' paths, and pytest fixtures.
+
+Test modules import the paths with ``from conftest import GLUE, TINY``: this folder is put
+on ``sys.path`` for that (the suite imports test modules in importlib mode).
+"""
 
 import contextlib
+import os
+import sys
 
 import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures")
+GLUE = os.path.join(FIXTURES, "glue")  # small real GLUE samples, in the GLUE TSV layout
+NLI = os.path.join(FIXTURES, "nli")  # small real SNLI and SICK samples
+TINY = os.path.join(FIXTURES, "tiny-bert")  # a tiny BERT config and vocabulary, no weights
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+  sys.path.insert(0, HERE)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(__file__)
+from conftest import HERE
+
 SCRIPT = os.path.join(HERE, os.pardir, "benchmarks", "accelerator.py")
 
 

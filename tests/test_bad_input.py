@@ -14,13 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import GLUE, HERE, TINY
 
 from childtune_jax import child_tuning_f
-from childtune_jax.app import cli, data, loading
+from childtune_jax.app import classifier, cli, data
 
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 BASE = ["train", "--task", "rte", "--model", TINY, "--data-dir", GLUE, "--epochs", "1",
         "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
         "--no-save-model"]
@@ -252,8 +250,8 @@ def test_non_finite_and_huge_options_are_refused_by_the_parser(argv, message, ca
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--mode", "F", "--score", "adam"], "go with --mode dynamic"),
-    (["--mode", "D", "--score-decay", "0.9"], "go with --mode dynamic"),
+    (["--mode", "F", "--score", "adam"], "--score goes with --mode dynamic"),
+    (["--mode", "D", "--score-decay", "0.9"], "--score-decay goes with --mode dynamic"),
     (["--mode", "dynamic", "--score", "adam", "--score-decay", "0.9"], "goes with --score ema"),
 ])
 def test_dynamic_score_options_only_where_they_apply(argv, message, capsys, tmp_path):
@@ -338,8 +336,8 @@ def test_sharded_safetensors_load_like_one_file(tmp_path):
   (tmp_path / "bin-only").mkdir()
   shutil.copy(os.path.join(source, "config.json"), tmp_path / "bin-only")
   (tmp_path / "bin-only" / "pytorch_model.bin").write_bytes(b"torch pickle")
-  with pytest.raises(loading.ModelError, match="pytorch_model.bin"):
-    loading.load_classifier(str(tmp_path / "bin-only"), 2, 0)
+  with pytest.raises(classifier.ModelError, match="pytorch_model.bin"):
+    classifier.load_classifier(str(tmp_path / "bin-only"), 2, 0)
 
 
 def test_library_bad_input_is_refused_by_name():

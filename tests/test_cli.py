@@ -9,12 +9,22 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import GLUE, HERE, TINY
 
-from childtune_jax.app import cli, data, files, loading, train
+from childtune_jax.app import (
+  classifier,
+  cli,
+  data,
+  experiment,
+  files,
+  modes,
+  provenance,
+  steps,
+  summary,
+  tasks,
+  train,
+)
 
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 FAST = ["--model", TINY, "--data-dir", GLUE, "--epochs", "1", "--batch-size", "8",
         "--max-seq-length", "32", "--learning-rate", "1e-3"]
 
@@ -30,7 +40,7 @@ def test_train_sst2_saves_a_loadable_model_and_true_accuracy(tmp_path):
   res = _results(out)
   assert res["config"]["mode"] == "F" and res["steps"] == 4  # 32 examples / 8
   assert set(res["versions"]) >= {"jax", "optax", "flax", "transformers"}
-  assert res["device"]["malloc"] == train.malloc_library()
+  assert res["device"]["malloc"] == provenance.malloc_library()
   # Reload the saved folder and score the dev set one sentence at a time, independently of
   # the CLI's batched, padded loop.
   from transformers import AutoTokenizer
@@ -41,7 +51,7 @@ def test_train_sst2_saves_a_loadable_model_and_true_accuracy(tmp_path):
   model, initialised = from_pretrained(model_dir, num_labels=2)
   assert initialised == []
   tok = AutoTokenizer.from_pretrained(model_dir)
-  dev = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
+  dev = data.read_glue_tsv(tasks.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
   correct = 0
   for text, label in zip(dev.texts[0], dev.labels):
     enc = tok([text], truncation=True, max_length=32, return_tensors="np")
@@ -73,7 +83,7 @@ def test_d_mask_cola_and_regression_stsb(tmp_path):
 
 
 def test_own_csv_files_and_overlap(tmp_path, capsys):
-  rte = data.read_glue_tsv(data.TASKS["rte"], os.path.join(GLUE, "RTE", "train.tsv"))
+  rte = data.read_glue_tsv(tasks.TASKS["rte"], os.path.join(GLUE, "RTE", "train.tsv"))
   path = tmp_path / "mine.csv"
   import csv
 
@@ -81,7 +91,7 @@ def test_own_csv_files_and_overlap(tmp_path, capsys):
     w = csv.writer(f)
     w.writerow(["premise", "claim", "gold"])
     for a, b, y in zip(*rte.texts, rte.labels):
-      w.writerow([a, b, data.TASKS["rte"].labels[y]])
+      w.writerow([a, b, tasks.TASKS["rte"].labels[y]])
   outs = []
   for seed in (1, 2):
     out = str(tmp_path / f"own{seed}")
@@ -211,22 +221,22 @@ def test_dynamic_padding_buckets():
 
 
 def test_schedule_is_hf_linear_with_warmup():
-  s = train.linear_warmup_decay(1.0, total=100, warmup_ratio=0.1)
+  s = steps.linear_warmup_decay(1.0, total=100, warmup_ratio=0.1)
   for step in (0, 5, 10, 55, 100):
     want = step / 10 if step < 10 else (100 - step) / 90
     assert float(s(step)) == pytest.approx(want, abs=1e-6)
 
 
 def test_summary_table_columns_in_the_task_order():
-  task = data.TASKS["mrpc"]
+  task = tasks.TASKS["mrpc"]
   fresh = {"metrics": {"dev": {"f1": 0.8, "accuracy": 0.7}}, "score": 0.8}
   read_back = {"metrics": {"dev": {"accuracy": 0.6, "f1": 0.9}}, "score": 0.9}  # sorted keys
   for results in ({1: read_back, 2: fresh}, {1: fresh, 2: read_back}):
-    summary = cli.summarize(results, task)
-    assert list(summary["metrics"]) == ["dev/f1", "dev/accuracy", "score"]
-    assert summary["metrics"]["dev/f1"]["mean"] == pytest.approx(np.mean([0.8, 0.9]))
-    assert summary["metrics"]["dev/f1"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
-    assert cli.format_table([("F", summary)]).splitlines()[0].split() == [
+    summarized = summary.summarize(results, task)
+    assert list(summarized["metrics"]) == ["dev/f1", "dev/accuracy", "score"]
+    assert summarized["metrics"]["dev/f1"]["mean"] == pytest.approx(np.mean([0.8, 0.9]))
+    assert summarized["metrics"]["dev/f1"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert summary.format_table([("F", summarized)]).splitlines()[0].split() == [
         "mode", "dev/f1", "dev/accuracy", "seeds"]
 
 
@@ -237,15 +247,16 @@ def test_results_record_the_source_commit(tmp_path, monkeypatch):
   head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
   if head.returncode:
     pytest.skip("not a git checkout")
-  assert train.versions()["childtune-jax commit"].split("+")[0] == head.stdout.strip()
+  assert provenance.versions()["childtune-jax commit"].split("+")[0] == head.stdout.strip()
   # A copy that git does not track, inside a checkout or outside any, has no commit.
-  copy = tmp_path / "train.py"
+  copy = tmp_path / "provenance.py"
   copy.write_text("")
-  monkeypatch.setattr(train, "__file__", str(copy))
-  assert train.source_commit() is None
+  (tmp_path / "__init__.py").write_text("")
+  monkeypatch.setattr(provenance, "__file__", str(copy))
+  assert provenance.source_commit() is None
   subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-  assert train.source_commit() is None
-  assert "childtune-jax commit" not in train.versions()
+  assert provenance.source_commit() is None
+  assert "childtune-jax commit" not in provenance.versions()
 
 
 def test_overlap_plot_without_matplotlib_fails_before_any_work(tmp_path, capsys, monkeypatch):
@@ -262,13 +273,13 @@ def test_overlap_plot_without_matplotlib_fails_before_any_work(tmp_path, capsys,
 
 def test_init_seed_sets_the_head_initialisation_apart_from_the_seed(tmp_path, monkeypatch):
   calls = []
-  load_classifier = loading.load_classifier
+  load_classifier = classifier.load_classifier
 
   def spy(name, num_labels, seed, *rest, **kwargs):
     calls.append(seed)
     return load_classifier(name, num_labels, seed, *rest, **kwargs)
 
-  monkeypatch.setattr(loading, "load_classifier", spy)
+  monkeypatch.setattr(classifier, "load_classifier", spy)
   out = str(tmp_path / "run")
   argv = ["train", "--task", "sst2", "--mode", "vanilla", *FAST, "--no-save-model",
           "--max-train-samples", "8"]
@@ -284,7 +295,7 @@ def test_summary_covers_every_seed_of_the_same_experiment_in_the_folder(
     tmp_path, monkeypatch, caplog):
   import dataclasses
 
-  def fake_run(cfg, train_set, evals, seed_dir, resume, keep_like_d):
+  def fake_run(cfg, train_set, evals, seed_dir, resume):
     res = {"config": dataclasses.asdict(cfg), "score": cfg.seed / 100,
            "metrics": {"dev": {"accuracy": cfg.seed / 100}}}
     os.makedirs(seed_dir)
@@ -296,7 +307,7 @@ def test_summary_covers_every_seed_of_the_same_experiment_in_the_folder(
   argv = ["train", "--task", "sst2", "--mode", "F", *FAST, "--output-dir", out]
 
   def run(*extra):
-    return cli.train_command(cli.build_parser().parse_args([*argv, *extra]))
+    return experiment.run_train(cli.parse([*argv, *extra]))
 
   assert run("--seeds", "5", "1")["seeds"] == [1, 5]
   summary = run("--resume", "--seeds", "3", "--save-every", "9")
@@ -369,16 +380,16 @@ def test_dropout_and_child_tuning_f_draw_from_their_own_streams(tmp_path, monkey
   # Per step s, dropout uses fold_in(dropout, s) and F's mask fold_in(child, s): the bases
   # differ, so no step of one stream repeats a key of the other (checked over a long run).
   for seed in (0, 1, 42):
-    bases = [train.stream_key(seed, name) for name in train.STREAMS]
+    bases = [steps.stream_key(seed, name) for name in steps.STREAMS]
     streams = [jax.random.key_data(jax.vmap(jax.random.fold_in, (None, 0))(k, np.arange(5000)))
                for k in bases]
     words = [{tuple(map(int, w)) for w in np.asarray(s)} for s in streams]
     assert len(words[0]) == len(words[1]) == 5000 and not words[0] & words[1]
   # ... and the run hands each consumer its own stream.
   asked, f_keys = [], []
-  real_stream, real_f = train.stream_key, train.child_tuning_adamw
-  monkeypatch.setattr(train, "stream_key", lambda s, n: asked.append((s, n)) or real_stream(s, n))
-  monkeypatch.setattr(train, "child_tuning_adamw",
+  real_stream, real_f = steps.stream_key, modes.child_tuning_adamw
+  monkeypatch.setattr(steps, "stream_key", lambda s, n: asked.append((s, n)) or real_stream(s, n))
+  monkeypatch.setattr(modes, "child_tuning_adamw",
                       lambda *a, **k: f_keys.append(k["key"]) or real_f(*a, **k))
   out = str(tmp_path / "run")
   assert cli.main(["train", "--task", "sst2", "--mode", "F", *FAST, "--seeds", "7",
@@ -389,7 +400,7 @@ def test_dropout_and_child_tuning_f_draw_from_their_own_streams(tmp_path, monkey
 
 
 def test_malloc_library_names_a_preloaded_allocator():
-  code = "from childtune_jax.app.train import malloc_library; print(malloc_library())"
+  code = "from childtune_jax.app.provenance import malloc_library; print(malloc_library())"
 
   def run(preload):
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}

@@ -118,7 +118,7 @@ def test_loader_and_config_errors_name_the_problem(tmp_path):
     return str(path)
 
   key = "text_model.final_layer_norm.weight"
-  with pytest.raises(CheckpointKeyError, match="lacks text_model.final_layer_norm.scale"):
+  with pytest.raises(CheckpointKeyError, match="lacks text_model/final_layer_norm/scale"):
     clip_from_pretrained(folder("missing", {k: v for k, v in tensors.items() if k != key}))
   with pytest.raises(CheckpointKeyError, match="unexpected key 'extra.weight'"):
     clip_from_pretrained(folder("extra", {**tensors, "extra.weight": np.zeros(3, np.float32)}))

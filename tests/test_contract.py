@@ -10,6 +10,7 @@ transformation for ``inject_hyperparams`` and ``MultiSteps``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import jax
@@ -267,3 +268,52 @@ def test_inject_hyperparams_equals_the_plain_transformation(name):
   b.hyperparams["reserve_p"] = jnp.asarray(0.25, jnp.float32)
   update(grads, b, params)
   assert update._cache_size() == 1  # a new reserve_p, no new program
+
+
+_EIGHT = """
+import runpy, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+from childtune_jax import parallel
+
+assert jax.device_count() == 8, jax.devices()
+table = runpy.run_path(sys.argv[1])
+mesh = parallel.make_mesh(parallel.parse_mesh("data=2,fsdp=4", 8))
+for name, entry in table["TRANSFORMS"].items():
+  params = table["_pure_params"]()
+  def spec(x):  # the first axis that 4 divides, over fsdp: every leaf here is split
+    axes = [None] * x.ndim
+    axes[next(i for i, n in enumerate(x.shape) if n % 4 == 0)] = "fsdp"
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+
+  shardings = jax.tree_util.tree_map(
+      lambda x: spec(x) if any(n % 4 == 0 for n in x.shape) else parallel.replicated(mesh),
+      params)
+  runs = []
+  for placed in (jax.device_put(params, jax.devices()[0]), jax.device_put(params, shardings)):
+    tx = entry.make(placed)
+    state = jax.jit(tx.init)(placed)
+    step = jax.jit(tx.update)
+    for t in range(4):
+      grads = jax.grad(table["_pure_loss"])(placed, *table["_batch"](t))
+      updates, state = step(grads, state, placed)
+    runs.append((updates, state))
+  (one, _), (eight, _) = runs
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7), eight, one)
+  kernel = eight["layer"]["kernel"]
+  assert kernel.sharding.is_equivalent_to(shardings["layer"]["kernel"], 2), (name, kernel.sharding)
+  print(name, "ok")
+"""
+
+
+def test_eight_devices_give_one_devices_updates():
+  """Every transformation on 8 emulated CPU devices (a data x fsdp mesh) as on one."""
+  import subprocess
+  import sys
+
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", _EIGHT, __file__], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == [w for name in TRANSFORMS for w in (*name.split(), "ok")]

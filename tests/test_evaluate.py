@@ -7,15 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import GLUE, NLI, TINY
 
-from childtune_jax.app import cli, data, loading
+from childtune_jax.app import classifier, cli, data, tasks
 from childtune_jax.app.evaluate import label_columns
 
-HERE = os.path.dirname(__file__)
-NLI = os.path.join(HERE, "fixtures", "nli")
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
-SNLI = data.TASKS["snli"]
+SNLI = tasks.TASKS["snli"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +60,7 @@ def test_a_saved_snli_model_scores_sick_as_its_run_did_and_as_computed_by_hand(
                    "--batch-size", "5", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   assert set(result["metrics"]) == {"trial", "test", "snli/validation"}
-  sick = {part: data.read_split(data.TASKS["sick"], NLI, part) for part in ("trial", "test")}
+  sick = {part: data.read_split(tasks.TASKS["sick"], NLI, part) for part in ("trial", "test")}
   assert result["examples"] == {"trial": len(sick["trial"]), "test": len(sick["test"]),
                                 "snli/validation": len(data.read_split(SNLI, NLI, "validation"))}
   assert result["data_sha256"]["test"] == run["data_sha256"]["sick/test"]
@@ -124,7 +121,7 @@ def test_classes_in_another_order_are_matched_by_name(snli_run, tmp_path):
   own, matched, ignored = (json.load(open(out[k])) for k in ("own", "hub", "ignored"))
   assert matched["label_columns"] == [2, 1, 0] and ignored["label_columns"] is None
   assert matched["metrics"] == own["metrics"]
-  sick = data.read_split(data.TASKS["sick"], NLI, "test")
+  sick = data.read_split(tasks.TASKS["sick"], NLI, "test")
   assert ignored["metrics"]["test"]["accuracy"] == pytest.approx(
       _accuracy(hub, sick, columns=(0, 1, 2)))
   assert matched["metrics"]["test"]["accuracy"] == pytest.approx(
@@ -150,7 +147,7 @@ def test_label_columns(names, expected):
     ({"0": "a", "1": "b", "3": "c"}, "id2label's keys are not 0..2"),
 ])
 def test_label_columns_refuses_classes_that_are_not_the_tasks(names, message):
-  with pytest.raises(loading.ModelError, match=re.escape(message)):
+  with pytest.raises(classifier.ModelError, match=re.escape(message)):
     label_columns({"id2label": names}, SNLI, "m")
 
 
@@ -185,5 +182,5 @@ def test_bad_evaluations_are_one_line_and_exit_2(snli_run, tmp_path, capsys):
 
 
 def test_a_trained_head_is_read_with_the_nnx_backend_only():
-  with pytest.raises(loading.ModelError, match="with the nnx backend"):
-    loading.load_classifier(TINY, 2, 0, backend="hf-flax", trained_head=True)
+  with pytest.raises(classifier.ModelError, match="with the nnx backend"):
+    classifier.load_classifier(TINY, 2, 0, backend="hf-flax", trained_head=True)

@@ -9,12 +9,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import GLUE, HERE, TINY
 
 from childtune_jax.app.maskfile import RESERVE_P_KEY
 
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 EXAMPLES = os.path.join(HERE, os.pardir, "examples")
 
 

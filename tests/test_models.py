@@ -12,20 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HERE
 from flax import nnx
 
 from childtune_jax import is_encoder_layer
 from childtune_jax.models import (
-    CheckpointKeyError,
-    ConfigError,
-    EncoderConfig,
-    SequenceClassifier,
-    from_pretrained,
-    read_safetensors,
-    save_pretrained,
+  CheckpointKeyError,
+  ConfigError,
+  EncoderConfig,
+  SequenceClassifier,
+  from_pretrained,
+  read_safetensors,
+  save_pretrained,
 )
 
-HERE = os.path.dirname(__file__)
 NNX = os.path.join(HERE, "fixtures", "nnx")
 FAMILIES = ("bert", "roberta", "electra")
 
@@ -168,10 +168,11 @@ def test_dropout_masks_every_element_on_its_own_and_rescales():
   from childtune_jax.models import bert
 
   x = jnp.ones((64, 4, 16, 16), jnp.float32)
-  out = np.asarray(bert._drop(nnx.Dropout(0.25), x, nnx.Rngs(dropout=0)))
+  out = np.asarray(bert.modeling._drop(nnx.Dropout(0.25), x, nnx.Rngs(dropout=0)))
   assert set(np.unique(out).tolist()) <= {0.0, np.float32(1 / 0.75)}
   dropped = float(np.mean(out == 0))
   assert abs(dropped - 0.25) < 5 * np.sqrt(0.25 * 0.75 / out.size)
   # Not one mask broadcast over the batch (as transformers' Flax BERT does for attention).
   assert (out[0] != out[1]).any()
-  np.testing.assert_array_equal(bert._drop(nnx.Dropout(0.25), x, None), x)  # no key: no dropout
+  # no key: no dropout
+  np.testing.assert_array_equal(bert.modeling._drop(nnx.Dropout(0.25), x, None), x)

@@ -13,12 +13,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import GLUE, HERE, TINY
 
-from childtune_jax.app import cli
+from childtune_jax.app import classifier, cli
 
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 BASE = ["train", "--task", "mrpc", "--model", TINY, "--data-dir", GLUE, "--epochs", "1",
         "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
         "--no-save-model"]
@@ -110,9 +108,8 @@ def test_half_precision_checkpoint_trains_float32_master_weights(tmp_path, caplo
   from safetensors.numpy import save_file
 
   from childtune_jax import models
-  from childtune_jax.app import loading
 
-  caplog.set_level(logging.INFO, logger="childtune_jax.app.loading")
+  caplog.set_level(logging.INFO, logger="childtune_jax.app.classifier")
   cfg = models.EncoderConfig.from_file(os.path.join(TINY, "config.json"), num_labels=2)
   half = tmp_path / "half"
   models.save_pretrained(models.SequenceClassifier(cfg, rngs=nnx.Rngs(0)), str(half))
@@ -121,7 +118,7 @@ def test_half_precision_checkpoint_trains_float32_master_weights(tmp_path, caplo
             str(half / "model.safetensors"))
   for name in ("vocab.txt", "tokenizer_config.json"):
     shutil.copy(os.path.join(TINY, name), half / name)
-  model, _ = loading.load_classifier(str(half), 2, 0, jnp.bfloat16)
+  model, _ = classifier.load_classifier(str(half), 2, 0, jnp.bfloat16)
   assert {x.dtype for x in jax.tree_util.tree_leaves(model.params)} == {jnp.dtype("float32")}
   for value in models.read_safetensors(str(half)).values():  # stored in half precision
     assert value.dtype == np.float16

@@ -14,12 +14,10 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import GLUE, HERE, TINY
 
 from childtune_jax.app import cli
 
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 BASE = ["train", "--task", "mrpc", "--model", TINY, "--data-dir", GLUE, "--epochs", "1",
         "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
         "--compilation-cache", ""]

@@ -7,14 +7,12 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import GLUE, TINY
 
 from childtune_jax import fisher_information, is_encoder_layer, shared_fisher_mask
-from childtune_jax.app import cli, data, loading, multitask, train
+from childtune_jax.app import classifier, cli, data, multitask, tasks, train
 from childtune_jax.app.maskfile import RESERVE_P_KEY
 
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 ARGS = ["multitask", "--tasks", "rte", "mrpc", "--data-dir", GLUE, "--model", TINY,
         "--epochs", "1", "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
         "--compilation-cache", ""]
@@ -55,12 +53,12 @@ def test_child_network_is_the_tasks_fisher_combined(tmp_path, monkeypatch):
                      "--output-dir", str(tmp_path / mode)]) == 0
   # The same Fisher passes, made here from the library's parts: each task's loss on its own
   # training data, over the shared parameters.
-  tasks = [data.TASKS["rte"], data.TASKS["mrpc"]]
-  models = [loading.load_classifier(TINY, t.num_labels, 42)[0] for t in tasks]
+  both = [tasks.TASKS["rte"], tasks.TASKS["mrpc"]]
+  models = [classifier.load_classifier(TINY, t.num_labels, 42)[0] for t in both]
   params = multitask._split_params([m.params for m in models])
-  tok = loading.load_tokenizer(TINY)
+  tok = classifier.load_tokenizer(TINY)
   fishers, counts = [], []
-  for i, task in enumerate(tasks):
+  for i, task in enumerate(both):
     train_set, _ = data.load_glue_folder(task, GLUE)
     enc = data.encode(tok, train_set, 32)
 
@@ -88,7 +86,7 @@ def test_child_network_is_the_tasks_fisher_combined(tmp_path, monkeypatch):
     # Its Jaccard with each task's own network: that task's top 30% by np.percentile.
     layers = [p for p in leaf_paths(want) if is_encoder_layer(p)]
     shared = np.concatenate([got[p].ravel() for p in layers])
-    for task, f in zip(tasks, fishers):
+    for task, f in zip(both, fishers):
       flat = dict(zip(leaf_paths(f), jax.tree_util.tree_leaves(f)))
       scores = np.concatenate([np.asarray(flat[p]).ravel() for p in layers])
       own = scores >= np.percentile(scores, 70)
@@ -173,7 +171,7 @@ def test_multitask_resumes_bitwise_and_scores_each_task_with_its_own_head(tmp_pa
     folder = os.path.join(whole, "seed-42", "model", name)
     model, _ = from_pretrained(folder, num_labels=2)
     tok = AutoTokenizer.from_pretrained(folder)
-    dev = data.read_split(data.TASKS[name], GLUE, "dev")
+    dev = data.read_split(tasks.TASKS[name], GLUE, "dev")
     preds = []
     for x, y in zip(*dev.texts):
       enc = tok([x], [y], truncation=True, max_length=32, return_tensors="np")

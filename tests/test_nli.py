@@ -6,12 +6,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import NLI, TINY
 
-from childtune_jax.app import cli, data
+from childtune_jax.app import cli, data, tasks
 
-HERE = os.path.dirname(__file__)
-NLI = os.path.join(HERE, "fixtures", "nli")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 SNLI_FILE = os.path.join(NLI, "SNLI", "validation.tsv")
 SICK_FILE = os.path.join(NLI, "SICK", "SICK.txt")
 
@@ -27,7 +25,7 @@ def test_snli_reads_quoted_fields_and_numeric_labels():
   with open(SNLI_FILE, encoding="utf-8") as f:
     raw = [line.rstrip("\n").split("\t") for line in f][1:]
   assert any('"' in line[0] + line[1] for line in raw)  # the fixture has quoted fields
-  got = data.read_split(data.TASKS["snli"], NLI, "validation")
+  got = data.read_split(tasks.TASKS["snli"], NLI, "validation")
   assert len(got) == len(raw) == 46
   assert got.texts[0] == [_unquote(r[0]) for r in raw]
   assert got.texts[1] == [_unquote(r[1]) for r in raw]
@@ -37,7 +35,7 @@ def test_snli_reads_quoted_fields_and_numeric_labels():
 def test_sick_parts_crlf_and_upper_case_labels_map_like_snli():
   with open(SICK_FILE, "rb") as f:
     raw = [line.decode().split("\t") for line in f.read().split(b"\r\n")[1:]]
-  task = data.TASKS["sick"]
+  task = tasks.TASKS["sick"]
   for part, size in (("train", 20), ("trial", 8), ("test", 20)):
     rows = [r for r in raw if r[-1].strip() == part.upper()]
     got = data.read_split(task, NLI, part)
@@ -47,7 +45,7 @@ def test_sick_parts_crlf_and_upper_case_labels_map_like_snli():
     # One table for both corpora: SICK's ENTAILMENT is SNLI's 0, and so on.
     expected = [{"ENTAILMENT": 0, "NEUTRAL": 1, "CONTRADICTION": 2}[r[3]] for r in rows]
     np.testing.assert_array_equal(got.labels, expected)
-  assert data.TASKS["sick"].labels == data.TASKS["snli"].labels
+  assert tasks.TASKS["sick"].labels == tasks.TASKS["snli"].labels
   with pytest.raises(data.DataError, match=r"no rows of part 'dev' \(its parts: \['test', "
                                            r"'train', 'trial'\]\)"):
     data.read_split(task, NLI, "dev")
@@ -61,11 +59,11 @@ def test_unlabeled_pairs_are_skipped_with_a_count_and_bad_labels_refused(tmp_pat
   (snli / "validation.tsv").write_text("\n".join(lines[:4] + ["A dog.\tAn animal.\t-1"]
                                                  + lines[4:6]) + "\n")
   caplog.set_level(logging.INFO, logger="childtune_jax.app.data")
-  got = data.read_split(data.TASKS["snli"], str(tmp_path), "validation")
+  got = data.read_split(tasks.TASKS["snli"], str(tmp_path), "validation")
   assert len(got) == 5 and "skipped 1 pairs without a gold label" in caplog.text
   (snli / "validation.tsv").write_text("\n".join(lines[:3] + ["A dog.\tAn animal.\tmaybe"]) + "\n")
   with pytest.raises(data.DataError, match=r"validation.tsv:4: label 'maybe' is outside"):
-    data.read_split(data.TASKS["snli"], str(tmp_path), "validation")
+    data.read_split(tasks.TASKS["snli"], str(tmp_path), "validation")
 
 
 def test_heldout_is_the_same_for_every_seed_and_disjoint_from_training_and_selection():
@@ -97,7 +95,7 @@ def test_snli_run_scores_heldout_and_sick_test_each_under_its_name(tmp_path):
   assert res[0]["data_sha256"]["heldout"] == res[1]["data_sha256"]["heldout"]
   assert res[0]["data_sha256"]["train"] != res[1]["data_sha256"]["train"]
   assert res[0]["data_sha256"]["sick/test"] == data.read_split(
-      data.TASKS["sick"], NLI, "test").digest()
+      tasks.TASKS["sick"], NLI, "test").digest()
   # The SICK accuracy, recomputed one pair at a time from the saved model.
   from transformers import AutoTokenizer
 
@@ -106,7 +104,7 @@ def test_snli_run_scores_heldout_and_sick_test_each_under_its_name(tmp_path):
   model_dir = os.path.join(out, "seed-2", "model")
   model, _ = from_pretrained(model_dir, num_labels=3)
   tok = AutoTokenizer.from_pretrained(model_dir)
-  sick = data.read_split(data.TASKS["sick"], NLI, "test")
+  sick = data.read_split(tasks.TASKS["sick"], NLI, "test")
   correct = 0
   for a, b, label in zip(*sick.texts, sick.labels):
     enc = tok([a], [b], truncation=True, max_length=32, return_tensors="np")

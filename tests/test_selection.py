@@ -7,14 +7,11 @@ import types
 
 import numpy as np
 import pytest
+from conftest import GLUE, TINY
 
-from childtune_jax.app import cli, data, train
+from childtune_jax.app import cli, data, steps, tasks
 from childtune_jax.app.errors import UsageError
 from childtune_jax.app.maskfile import RESERVE_P_KEY
-
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 
 
 def _examples(n):
@@ -85,10 +82,10 @@ def test_cli_selection_only_never_scores_dev_and_pairs_methods(tmp_path):
   assert f[1]["data_sha256"] == res["data_sha256"]
   assert vanilla[2]["data_sha256"]["selection"] != res["data_sha256"]["selection"]
   # ... and it is the split computed independently from the file; dev is scored without it.
-  train_file = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(GLUE, "SST-2", "train.tsv"))
+  train_file = data.read_glue_tsv(tasks.TASKS["sst2"], os.path.join(GLUE, "SST-2", "train.tsv"))
   train, sel = data.split_selection(train_file, 16, 8, 1)
   assert res["data_sha256"] == {"train": train.digest(), "selection": sel.digest()}
-  dev = data.read_glue_tsv(data.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
+  dev = data.read_glue_tsv(tasks.TASKS["sst2"], os.path.join(GLUE, "SST-2", "dev.tsv"))
   assert full[1]["data_sha256"]["dev"] == dev.digest()
   assert set(full[1]["metrics"]) == {"dev", "selection"}
   assert full[1]["score"] == full[1]["metrics"]["dev"]["accuracy"]
@@ -153,7 +150,7 @@ def test_child_mask_of_another_reserve_p_is_refused(tmp_path, capsys):
   run = types.SimpleNamespace(cfg=types.SimpleNamespace(child_mask=str(given), seed=1,
                                                         reserve_p=0.3), results={})
   with pytest.raises(UsageError, match="reserve_p 0.2, not --reserve-p 0.3"):
-    train.given_network(run, None)
+    steps.given_network(run, None)
   # A file that records nothing (written before files did) is taken as it is, and its
   # copy in the new run records nothing either.
   old = tmp_path / "old.npz"

@@ -6,12 +6,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import GLUE, HERE, TINY
 
 from childtune_jax.app import cli, files
-
-HERE = os.path.dirname(__file__)
-GLUE = os.path.join(HERE, "fixtures", "glue")
-TINY = os.path.join(HERE, "fixtures", "tiny-bert")
 
 
 def _load(name="tuned_study"):

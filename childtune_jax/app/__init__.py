@@ -1,14 +1,11 @@
-"""The ``childtune`` application: GLUE fine-tuning runs built on the library.
+"""The ``childtune`` application: fine-tuning runs built on the library.
 
 The library (``childtune_jax``: the transformations, masks, Fisher pass, models and
-sharding helpers) never imports this package; the application is one user of it.
-
-- :mod:`~childtune_jax.app.cli`: the command line (``childtune train|demo|overlap``).
-- :mod:`~childtune_jax.app.train`: one seed's run, as named steps.
-- :mod:`~childtune_jax.app.loading`: models and tokenizers, local or from the hub.
-- :mod:`~childtune_jax.app.checkpoints`: orbax checkpoints and saved child networks.
-- :mod:`~childtune_jax.app.data`, :mod:`~childtune_jax.app.metrics`,
-  :mod:`~childtune_jax.app.files`: GLUE data, metrics, and files written atomically.
+sharding helpers) never imports this package; the application is one user of it. Its
+layers and where each job lives: ``docs/architecture.md``. In short: :mod:`.cli` is
+wiring; :mod:`.config` holds every option and default once; :mod:`.modes` is the mode
+registry; :mod:`.experiment` runs ``train`` and ``multitask`` through :mod:`.rundir` (the
+output folder) and :mod:`.steps` (what every seed's run shares).
 """
 
 import os as _os

@@ -35,26 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from childtune_jax.app import data, files, loading, maskfile, train
+from childtune_jax.app import classifier, data, files, modes, steps, train
 from childtune_jax.app.checkpoints import Checkpoints
-from childtune_jax.masks import COMBINE, fisher_mask, is_encoder_layer, jaccard, shared_fisher_mask
+from childtune_jax.app.config import MultitaskConfig
+from childtune_jax.app.tasks import TASKS, Task
+from childtune_jax.masks import fisher_mask, is_encoder_layer, jaccard, shared_fisher_mask
 
 logger = logging.getLogger(__name__)
 
-MODES = ("vanilla", "F", "D", "shared-D")
 HEAD = "classifier"  # the task head's top-level name in every supported model family
-
-
-@dataclasses.dataclass
-class MultitaskConfig(train.TrainConfig):
-  """A multi-task run: ``task`` is the tasks joined by ``,``; the rest as in ``train``."""
-
-  temperature: float = 1.0  # task sampling: p_t proportional to n_t ** (1 / temperature)
-  combine: str = "normalized-sum"  # shared-D: how the tasks' Fisher information combines
-
-  @property
-  def tasks(self) -> list[data.Task]:
-    return [data.TASKS[name] for name in self.task.split(",")]
 
 
 def task_probabilities(counts: Sequence[int], temperature: float) -> np.ndarray:
@@ -93,9 +82,9 @@ def _split_params(params: list[Any]) -> dict:
   return {"shared": shared, "heads": {str(i): p[HEAD] for i, p in enumerate(params)}}
 
 
-def param_shapes(model: str, tasks: Sequence[data.Task], backend: str) -> dict:
+def param_shapes(model: str, tasks: Sequence[Task], backend: str) -> dict:
   """The shapes of a multi-task run's parameters (shared encoder, a head per task)."""
-  return _split_params([loading.param_shapes(model, t.num_labels, backend) for t in tasks])
+  return _split_params([classifier.param_shapes(model, t.num_labels, backend) for t in tasks])
 
 
 def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], out_dir: str,
@@ -108,8 +97,8 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
     out_dir: the seed's folder.
     resume: continue from the last checkpoint in ``out_dir`` if there is one.
   """
-  tasks = cfg.tasks
-  r = train.start(cfg, out_dir, task=tasks[0])
+  tasks = [TASKS[name] for name in cfg.tasks]
+  r = steps.start(cfg, out_dir, task=tasks[0])
   t0 = time.perf_counter()
   models, splits = [], []
   for task in tasks:
@@ -119,9 +108,9 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
     splits.append(split)
     r.results.setdefault("data_sha256", {})[task.name] = digests
   r.results["train_examples"] = {t.name: len(s.train) for t, s in zip(tasks, splits)}
-  params = train.place(r, _split_params([m.params for m in models]))
+  params = steps.place(r, _split_params([m.params for m in models]))
   r.timings["load_s"] = time.perf_counter() - t0
-  train.record_config(r)
+  steps.record_config(r)
 
   def logits_of(i: int) -> Callable:
     def apply(params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -148,61 +137,74 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
   counts = [len(s.train) for s in splits]
   steps_per_epoch = sum(math.ceil(n / cfg.batch_size) for n in counts)
   total = steps_per_epoch * cfg.epochs
-  plan = train.Plan(steps_per_epoch, total, math.ceil(total / cfg.grad_accum))
-  mode = {"shared-D": "D"}.get(cfg.mode, cfg.mode)
-  tx, opt_state = train.init_optimizer(
-      dataclasses.replace(r, cfg=dataclasses.replace(cfg, mode=mode)), plan, keep, params)
-  train_step = train.make_train_step(r, loss_fn, tx, params, opt_state)
+  plan = steps.Plan(steps_per_epoch, total, math.ceil(total / cfg.grad_accum))
+  tx, opt_state = steps.init_optimizer(r, plan, keep, params)
+  train_step = steps.make_train_step(r, loss_fn, tx, params, opt_state)
   evaluates = [train.make_evaluate(dataclasses.replace(r, task=t), logits_of(i), s)
                for i, (t, s) in enumerate(zip(tasks, splits))]
   ckpt = Checkpoints(os.path.join(out_dir, files.CHECKPOINT_DIR))
-  state = train.restore_or_start(r, plan, ckpt, params, opt_state, resume)
+  state = steps.restore_or_start(r, plan, ckpt, params, opt_state, resume)
   state = _loop(r, plan, state, train_step, splits, counts, ckpt,
                 functools.partial(_selection_score, tasks, evaluates, splits))
   return _finish(r, plan, state, models, tasks, evaluates, splits, ckpt)
 
 
-def child_network(r: train.Run, losses: list[Callable], params: Any,
+class MultitaskSource(modes.NetworkSource):
+  """A multi-task run's fixed child networks, from each task's Fisher pass (made once)."""
+
+  def __init__(self, r: steps.Run, losses: list[Callable], params: Any,
+               splits: list[train.Splits]):
+    self.r, self.losses, self.params, self.splits = r, losses, params, splits
+    self.fishers: list[Any] | None = None
+
+  def _fishers(self) -> list[Any]:
+    if self.fishers is None:
+      self.fishers = [train.fisher_pass(self.r, loss, self.params, s)
+                      for loss, s in zip(self.losses, self.splits)]
+    return self.fishers
+
+  def fisher_mask(self, reserve_p: float) -> Any:
+    """The pooled examples' network: each task's Fisher weighted by its examples."""
+    t = time.perf_counter()
+    counts = np.array([len(s.train) for s in self.splits], np.float64)
+    pooled = jax.tree_util.tree_map(
+        lambda *f: sum(x * (n / counts.sum()) for x, n in zip(f, counts)), *self._fishers())
+    keep = shared_fisher_mask([pooled], reserve_p, where=is_encoder_layer)
+    self.r.timings["fisher_s"] = time.perf_counter() - t
+    return keep
+
+  def shared_mask(self, reserve_p: float, combine: str) -> Any:
+    t = time.perf_counter()
+    keep = shared_fisher_mask(self._fishers(), reserve_p, combine=combine,
+                              where=is_encoder_layer)
+    self.r.timings["fisher_s"] = time.perf_counter() - t
+    return keep
+
+
+def child_network(r: steps.Run, losses: list[Callable], params: Any,
                   splits: list[train.Splits], *, resume: bool) -> Any:
-  """D's or shared-D's child network of the shared encoder (``None`` for vanilla and F).
+  """The mode's child network of the shared encoder (``None`` for vanilla and F).
 
   It comes from a resumed run's own file, a given ``cfg.child_mask`` (an earlier run's), or
-  the tasks' Fisher passes. These also record, per task, the network's Jaccard with the
-  task's own network: the top ``reserve_p`` of that task's Fisher information alone, over
-  the same examples (``child_network.jaccard_with_task_network`` in results.json; a given
-  network has none).
+  the tasks' Fisher passes (:class:`MultitaskSource`). These also record, per task, the
+  network's Jaccard with the task's own network: the top ``reserve_p`` of that task's
+  Fisher information alone, over the same examples
+  (``child_network.jaccard_with_task_network`` in results.json; a given network has none).
   """
   cfg = r.cfg
-  if cfg.mode not in ("D", "shared-D"):
-    return None
-  mask_path = os.path.join(r.out_dir, files.MASK_FILE)
+  source = MultitaskSource(r, losses, params, splits)
+  keep = steps.child_network(r, source, params, resume=resume)
   overlap_path = os.path.join(r.out_dir, files.OVERLAP_FILE)
-  overlap, reserve_p = None, cfg.reserve_p
-  if resume and os.path.exists(mask_path):
-    keep, reserve_p = maskfile.load(mask_path, params), maskfile.record(mask_path).reserve_p
-    if os.path.exists(overlap_path):
-      with open(overlap_path) as f:
-        overlap = json.load(f)
-  elif cfg.child_mask:
-    keep, reserve_p = train.given_network(r, params)
-  else:
-    t = time.perf_counter()
-    fishers = [train.fisher_pass(r, loss, params, s) for loss, s in zip(losses, splits)]
-    if cfg.mode == "D":  # the pooled examples: each task weighted by its examples
-      counts = np.array([len(s.train) for s in splits], np.float64)
-      pooled = jax.tree_util.tree_map(
-          lambda *f: sum(x * (n / counts.sum()) for x, n in zip(f, counts)), *fishers)
-      keep = shared_fisher_mask([pooled], cfg.reserve_p, where=is_encoder_layer)
-    else:
-      keep = shared_fisher_mask(fishers, cfg.reserve_p, combine=cfg.combine,
-                                where=is_encoder_layer)
-    r.timings["fisher_s"] = time.perf_counter() - t
-    overlap = {task.name: jaccard(keep, fisher_mask(f, cfg.reserve_p, where=is_encoder_layer),
-                                  where=is_encoder_layer)
-               for task, f in zip(cfg.tasks, fishers)}
+  overlap = None
+  if source.fishers is not None:
+    overlap = {name: jaccard(keep, fisher_mask(f, cfg.reserve_p, where=is_encoder_layer),
+                             where=is_encoder_layer)
+               for name, f in zip(cfg.tasks, source.fishers)}
     if r.primary:  # kept beside the mask: a resumed run reads it instead of the Fisher passes
       files.write_json(overlap_path, overlap)
-  train.record_network(r, keep, mask_path, reserve_p)
+  elif keep is not None and resume and os.path.exists(overlap_path):
+    with open(overlap_path) as f:
+      overlap = json.load(f)
   if overlap is not None:
     r.results["child_network"]["jaccard_with_task_network"] = overlap
     logger.info("Jaccard with each task's own network: %s",
@@ -215,7 +217,7 @@ def _with_task(batch: dict, index: int) -> dict:
   return {**batch, "task": np.full(rows, index, np.int32)}
 
 
-def _selection_score(tasks: list[data.Task], evaluates: list[Callable],
+def _selection_score(tasks: list[Task], evaluates: list[Callable],
                      splits: list[train.Splits], params: Any) -> float | None:
   """The tasks' mean main metric on their selection splits (``None`` without them)."""
   if not all(train.SELECTION in s.evals for s in splits):
@@ -225,10 +227,10 @@ def _selection_score(tasks: list[data.Task], evaluates: list[Callable],
   return None if None in scores else float(np.mean(scores))
 
 
-def _loop(r: train.Run, plan: train.Plan, state: train.TrainState, train_step: Callable,
+def _loop(r: steps.Run, plan: steps.Plan, state: steps.TrainState, train_step: Callable,
           splits: list[train.Splits], counts: list[int], ckpt: Checkpoints,
-          selection: Callable[[Any], float | None]) -> train.TrainState:
-  """:func:`train.run_steps` with one task's batch per step, drawn as documented.
+          selection: Callable[[Any], float | None]) -> steps.TrainState:
+  """:func:`steps.run_steps` with one task's batch per step, drawn as documented.
 
   After every epoch but the last, ``selection(params)`` (the tasks' mean selection score)
   goes to the history.
@@ -255,11 +257,11 @@ def _loop(r: train.Run, plan: train.Plan, state: train.TrainState, train_step: C
                             rows=cfg.batch_size, bucket=cfg.pad_multiple)
     return _with_task(batch, i)
 
-  return train.run_steps(r, plan, state, train_step, next_batch, ckpt, selection=selection)
+  return steps.run_steps(r, plan, state, train_step, next_batch, ckpt, selection=selection)
 
 
-def _finish(r: train.Run, plan: train.Plan, state: train.TrainState, models: list,
-            tasks: list[data.Task], evaluates: list[Callable], splits: list[train.Splits],
+def _finish(r: steps.Run, plan: steps.Plan, state: steps.TrainState, models: list,
+            tasks: list[Task], evaluates: list[Callable], splits: list[train.Splits],
             ckpt: Checkpoints) -> dict:
   """Scores every task's splits, writes results.json and each task's model, drops checkpoints."""
   cfg, results = r.cfg, r.results
@@ -291,8 +293,8 @@ def _finish(r: train.Run, plan: train.Plan, state: train.TrainState, models: lis
       model.save(os.path.join(folder, task.name),
                  {**params["shared"], HEAD: params["heads"][str(i)]})
 
-  return train.write_outputs(r, plan, state, ckpt, save)
+  return steps.write_outputs(r, plan, state, ckpt, save)
 
 
-__all__ = ["COMBINE", "MODES", "MultitaskConfig", "TaskStream", "run", "task_probabilities",
-           "task_sequence"]
+__all__ = ["MultitaskConfig", "MultitaskSource", "TaskStream", "child_network", "run",
+           "task_probabilities", "task_sequence"]

@@ -16,16 +16,22 @@ for any other.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import math
 import os
+
+from childtune_jax.app import files
+from childtune_jax.app.classifier import ModelError, resolve_model_path
+from childtune_jax.app.modes import MODES
+
+logger = logging.getLogger("childtune")
 
 DEFAULT_P = 0.3  # the reference code's default p, for tasks the authors gave none
 # The authors' per-task p (AliceMind's issues), (F, D); SST-2 has none stated: the default.
 AUTHORS_P = {"cola": (0.2, 0.2), "rte": (0.3, 0.3), "mrpc": (0.4, 0.1), "sst2": (0.3, 0.3),
              "stsb": (0.2, 0.2)}
-# Whose p a mode takes: F's, or D's (the modes that keep a network of D's kind and size).
-_P_OF = {"F": 0, "D": 1, "dynamic": 1, "random": 1, "shared-D": 1}
 MIN_EPOCHS, MAX_EPOCHS = 3, 10  # the tuned study's two training lengths
 
 
@@ -79,8 +85,6 @@ class Fingerprint:
 
   def matches(self, folder: str) -> bool:
     """Whether ``folder`` holds these weights (hashed only when the size already agrees)."""
-    from childtune_jax.app import files
-
     path = os.path.join(folder, "model.safetensors")
     try:
       return os.path.getsize(path) == self.size and files.sha256(path) == self.sha256
@@ -111,11 +115,76 @@ def default_preset(model: str, folder: str | None) -> tuple[str, str]:
 
 
 def reserve_p(task: str | None, mode: str) -> float:
-  """The authors' p of ``task`` for ``mode`` (F's or D's), else :data:`DEFAULT_P`."""
-  if task in AUTHORS_P and mode in _P_OF:
-    return AUTHORS_P[task][_P_OF[mode]]
+  """The authors' p of ``task`` for ``mode`` (F's or D's, as the mode registry says), else
+  :data:`DEFAULT_P`."""
+  p_of = MODES[mode].p_of if mode in MODES else None
+  if task in AUTHORS_P and p_of is not None:
+    return AUTHORS_P[task][("F", "D").index(p_of)]
   return DEFAULT_P
 
 
+def describe_option() -> str:
+  """``--preset``'s help: what each preset gives."""
+  return ("where the defaults of --learning-rate, --epochs and --reserve-p come from: tuned, "
+          f"what the tuned study chose for the default model ({describe(TUNED)}); reference, "
+          f"the reference code's ({describe(REFERENCE)}), which its authors tuned for "
+          "BERT-large. Both take the authors' per-task p. Default: tuned for the tuned study's "
+          "model (known by its weights), reference for any other")
+
+
+def describe(preset: Preset) -> str:
+  """A preset in a few words, for --help."""
+  by_lr: dict[float, list[str]] = {}
+  for mode, lr in preset.learning_rate.items():
+    by_lr.setdefault(lr, []).append(mode)
+
+  def short(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")  # 1e-4
+
+  lrs = (short(next(iter(by_lr))) if len(by_lr) == 1 else  # the same for every mode
+         ", ".join(f"{'/'.join(modes)} {short(lr)}" for lr, modes in by_lr.items()))
+  steps = set(preset.min_steps.values())
+  length = (f"{MIN_EPOCHS} epochs" if steps == {0} else
+            f"{MIN_EPOCHS}-{MAX_EPOCHS} epochs, the fewest that make "
+            f"{'/'.join(map(str, sorted(steps)))} steps")
+  return f"lr {lrs}; {length}"
+
+
+def fill_defaults(args: argparse.Namespace, task: str | None) -> list[str]:
+  """Fills ``--learning-rate`` and ``--reserve-p``, where not given, from ``--preset``.
+
+  Without ``--preset``: ``tuned`` for the model the study tuned, known by its weights
+  (:func:`default_preset`), and ``reference`` for any other; the log says which it
+  matched. Returns what it filled, in words.
+  """
+  if args.preset is None:
+    try:
+      folder = resolve_model_path(args.model)
+    except ModelError:  # the default model's package is missing: said when it loads
+      folder = None
+    args.preset, why = default_preset(args.model, folder)
+    logger.info("--preset %s: %s", args.preset, why)
+  filled = []
+  if args.learning_rate is None:
+    args.learning_rate = PRESETS[args.preset].lr(args.mode)
+    filled.append(f"lr {args.learning_rate:g}")
+  if args.reserve_p is None:
+    args.reserve_p = reserve_p(task, args.mode)
+    if MODES[args.mode].p_of is not None:
+      filled.append(f"p {args.reserve_p:g}")
+  return filled
+
+
+def fill_epochs(args: argparse.Namespace, batches_per_epoch: int, filled: list[str]) -> None:
+  """Fills ``--epochs``, where not given, with the preset's training length for this data."""
+  if args.epochs is None:
+    steps = batches_per_epoch / args.grad_accum  # optimizer steps an epoch
+    args.epochs = PRESETS[args.preset].epochs(args.mode, steps)
+    filled = [*filled, f"{args.epochs} epochs of {math.ceil(steps)} steps"]
+  if filled:
+    logger.info("--preset %s: %s", args.preset, ", ".join(filled))
+
+
 __all__ = ["AUTHORS_P", "DEFAULT_P", "MAX_EPOCHS", "MIN_EPOCHS", "PRESETS", "Preset",
-           "REFERENCE", "TUNED", "TUNED_MODEL", "Fingerprint", "default_preset", "reserve_p"]
+           "REFERENCE", "TUNED", "TUNED_MODEL", "Fingerprint", "default_preset", "describe",
+           "fill_defaults", "fill_epochs", "reserve_p"]

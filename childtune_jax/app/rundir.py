@@ -11,21 +11,27 @@ one fails; :func:`recover` finishes or undoes a swap that a killed process left 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from childtune_jax.app import files
+from childtune_jax import parallel
+from childtune_jax.app import config, files, interrupts, modes, preflight, summary
 from childtune_jax.app.errors import UsageError
+from childtune_jax.app.tasks import Task
 
 try:
   import fcntl
 except ImportError:  # not POSIX: no lock (one command at a time is then the user's to keep)
   fcntl = None
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("childtune")
 
 LOCK_FILE = ".childtune.lock"  # held by the command working on the folder
 STAGING = ".childtune-overwrite"  # where --overwrite runs until it replaces the old run
@@ -156,3 +162,156 @@ def recover(out: str) -> None:
   os.rmdir(old)
   logger.warning("%s: an earlier --overwrite stopped while replacing the run; the old run "
                  "(%s) is back in place", out, ", ".join(names) or "empty")
+
+
+# -- which finished seeds belong to one experiment ------------------------------------------
+
+# Config fields that do not change a run's numbers: seeds that differ only in these summarise
+# together.
+_BOOKKEEPING = ("seed", "save_every", "save_model", "mesh")  # a run resumes on another mesh
+
+
+def filled(recorded: dict) -> dict:
+  """A run's config, an older run's filled with the defaults of what it did not record."""
+  defaults = {f.name: f.default for f in dataclasses.fields(config.TrainConfig)}
+  return {**defaults, "backend": "hf-flax", **recorded}  # runs before the NNX models were HF's
+
+
+def experiment(recorded: dict) -> dict:
+  """A run's config without its seed and bookkeeping, older results filled with defaults.
+
+  The p of a mode without a child network (vanilla) changes nothing either: it is left out.
+  """
+  full = filled(recorded)
+  mode = modes.MODES.get(full["mode"])
+  unused = ("reserve_p",) if mode is not None and mode.p_of is None else ()
+  return {k: v for k, v in full.items() if k not in _BOOKKEEPING + unused}
+
+
+def other_seeds(out: str, results: dict[int, dict], cfg: Any) -> dict[int, dict]:
+  """Finished runs of the same experiment already in ``out``, beyond this call's seeds.
+
+  The summary describes the folder: ``--seeds 42`` then ``--seeds 52`` into one folder
+  summarises both. A finished seed with another config is left out, with a warning.
+  """
+  this = experiment(dataclasses.asdict(cfg))
+  found = {}
+  for name in sorted(os.listdir(out)):
+    path = os.path.join(out, name, files.RESULTS_FILE)
+    if not (name.startswith("seed-") and name[5:].lstrip("-").isdigit()
+            and os.path.isfile(path)):
+      continue
+    seed = int(name[5:])
+    if seed in results:
+      continue
+    try:
+      with open(path) as f:
+        res = json.load(f)
+      res["config"], res["metrics"]  # noqa: B018 - what a summary reads
+    except (OSError, ValueError, KeyError, TypeError):
+      logger.warning("%s is not a readable results.json: left out of the summary", path)
+      continue
+    if experiment(res.get("config", {})) != this:
+      logger.warning("%s was run with another config: left out of the summary", name)
+      continue
+    found[seed] = res
+  return found
+
+
+def check_same_run(seed_dir: str, cfg: Any) -> None:
+  """Refuses to resume (or reuse) a seed folder that another configuration wrote."""
+  for name in (files.RESULTS_FILE, files.RUN_FILE):
+    path = os.path.join(seed_dir, name)
+    if not os.path.exists(path):
+      continue
+    try:
+      with open(path) as f:
+        saved = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise UsageError(f"cannot read {path} ({type(e).__name__}): delete {seed_dir} to run "
+                       "that seed again") from None
+    want, got = experiment(dataclasses.asdict(cfg)), experiment(saved)
+    differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if differ:
+      now, then = filled(dataclasses.asdict(cfg)), filled(saved)
+      fields = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in differ)
+      raise UsageError(f"{seed_dir} was run with another configuration: {fields}; use another "
+                       "--output-dir, or --overwrite to replace it")
+    return
+
+
+# -- a command's seeds, run safely in the folder --------------------------------------------
+
+
+@contextlib.contextmanager
+def output_folder(args: argparse.Namespace) -> Iterator[None]:
+  """The output folder, locked against other commands (process 0 holds the lock) while the
+  block runs, after what an interrupted ``--overwrite`` left is put right; a finished run
+  there needs ``--resume`` or ``--overwrite``."""
+  out = args.output_dir
+  primary = parallel.is_primary()
+  with locked(out) if primary else contextlib.nullcontext():
+    if primary:
+      recover(out)
+    parallel.barrier("recovered")
+    if finished(out) and not (args.resume or args.overwrite):
+      raise UsageError(f"{out} already holds a finished run: pass --resume or --overwrite")
+    yield
+
+
+def run_seeds(args: argparse.Namespace, cache: str | None, task: Task,
+               config: Callable[[int], Any], run: Callable[[Any, str], dict]) -> dict:
+  """Runs ``run(config(seed), seed_dir)`` for every seed of ``args``, safely; the summary.
+
+  Before anything runs, every seed is checked against what its folder holds (a resume of
+  another configuration is refused). ``--overwrite`` trains beside the old run and
+  replaces it only once every seed has finished: a failure or an interrupt on the way
+  leaves the old run as it was. Only process 0 writes.
+  """
+  out = args.output_dir
+  for seed in args.seeds:  # before anything runs: a mismatch touches nothing
+    if args.resume:
+      check_same_run(os.path.join(out, f"seed-{seed}"), config(seed))
+    elif not args.overwrite and os.path.isdir(out) and is_seed_dir(out, f"seed-{seed}"):
+      raise UsageError(f"{out} holds an unfinished run of seed {seed}: pass --resume to continue "
+                       "it or --overwrite to replace it")
+  # --overwrite runs beside the old run and replaces it only once every seed has finished:
+  # a failure or an interrupt on the way leaves the old run as it was.
+  staging = args.overwrite and os.path.isdir(out) and bool(own_entries(out))
+  run_root = os.path.join(out, STAGING) if staging else out
+  primary = parallel.is_primary()  # in a multi-host run, the one process that writes
+  parallel.barrier("checked")  # every process has looked at the old run before it changes
+  if staging and primary and os.path.exists(run_root):
+    logger.warning("removing %s, the unfinished new run of an interrupted --overwrite", run_root)
+    shutil.rmtree(run_root)
+  if primary:
+    os.makedirs(run_root, exist_ok=True)
+  parallel.barrier("staged")
+  results = {}
+  try:
+    with preflight.compilation_cache(cache):
+      for seed in args.seeds:
+        seed_dir = os.path.join(run_root, f"seed-{seed}")
+        done = os.path.join(seed_dir, files.RESULTS_FILE)
+        if args.resume and os.path.exists(done):
+          with open(done) as f:
+            results[seed] = json.load(f)
+          logger.info("seed %d already finished", seed)
+          continue
+        results[seed] = run(config(seed), seed_dir)
+        logger.info("seed %d: %s", seed, json.dumps(results[seed]["metrics"]))
+  except BaseException:  # the old run stays exactly as it was
+    if staging and primary:
+      shutil.rmtree(run_root, ignore_errors=True)
+    raise
+  if staging and primary:
+    with interrupts.deferred():  # the swap is not cut short half way
+      replace_run(out, run_root)
+  parallel.barrier("replaced")
+  results.update(other_seeds(out, results, config(args.seeds[0])))
+  summarized = summary.summarize(results, task)
+  summarized["mode"] = args.mode
+  if primary:
+    files.write_json(os.path.join(out, files.SUMMARY_FILE), summarized)
+  print(summary.format_table([(args.mode, summarized)]))
+  return summarized

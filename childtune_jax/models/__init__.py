@@ -1,20 +1,25 @@
-"""Flax NNX BERT, RoBERTa and ELECTRA classifiers, a CLIP, and their Hugging Face checkpoints."""
+"""Flax NNX models that read and write Hugging Face checkpoints, one folder per family.
+
+- :mod:`~childtune_jax.models.bert`: BERT, RoBERTa and ELECTRA sequence classifiers.
+- :mod:`~childtune_jax.models.clip`: CLIP (a ViT image tower, a causal text tower).
+- :mod:`~childtune_jax.models.llama`: decoder LMs of the Llama kind (Llama 2/3, SmolLM,
+  Qwen2), from safetensors folders or GGUF files.
+
+Each folder keeps the module (``modeling.py``) apart from its checkpoint key table
+(``params.py``); :mod:`~childtune_jax.models.checkpoint` holds what they share.
+"""
 
 from childtune_jax.models.bert import (
     FAMILIES,
-    ConfigError,
     EncoderConfig,
     SequenceClassifier,
-)
-from childtune_jax.models.clip import ClipConfig, ClipModel, clip_from_pretrained, save_clip
-from childtune_jax.models.loading import (
-    CheckpointKeyError,
     from_pretrained,
     load_params,
-    read_safetensors,
     save_pretrained,
     to_pytorch_layout,
 )
+from childtune_jax.models.checkpoint import CheckpointKeyError, ConfigError, read_safetensors
+from childtune_jax.models.clip import ClipConfig, ClipModel, clip_from_pretrained, save_clip
 
 __all__ = [
     "FAMILIES",

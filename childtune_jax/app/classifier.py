@@ -10,10 +10,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from childtune_jax import models
+from childtune_jax.app.config import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 BACKENDS = ("nnx", "hf-flax")
 FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")  # single or sharded
 PT_WEIGHTS = ("model.safetensors",)  # converted without torch
@@ -121,10 +124,6 @@ def param_shapes(name: str, num_labels: int, backend: str = "nnx") -> Any:
     config = AutoConfig.from_pretrained(path, num_labels=num_labels)
     return FlaxAutoModelForSequenceClassification.from_config(
         config, _do_init=False).params_shape_tree
-  from flax import nnx
-
-  from childtune_jax import models
-
   cfg = models.EncoderConfig.from_file(os.path.join(path, "config.json"), num_labels=num_labels)
   model = nnx.eval_shape(lambda: models.SequenceClassifier(cfg, rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(model))
@@ -180,22 +179,18 @@ def local_folder(name: str) -> str:
 def _load_nnx(name: str, num_labels: int, seed: int, dtype: Any,
               labels: tuple[str, ...] | None = None, trained_head: bool = False
               ) -> tuple[Classifier, Any]:
-  from flax import nnx
-
-  from childtune_jax import models
-
   path = local_folder(name)
   try:
     cfg = models.EncoderConfig.from_file(os.path.join(path, "config.json"), num_labels=num_labels)
     model = models.SequenceClassifier(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
-    tensors = models.loading.read_checkpoint(path)
+    tensors = models.bert.read_checkpoint(path)
     if tensors is None and trained_head:
       raise ModelError(f"the model in {path} has no weights")
     if tensors is None:
       logger.warning("%s has no weights: initialising the model at random", path)
-    elif models.loading.non_finite(tensors):
+    elif models.checkpoint.non_finite(tensors):
       raise ModelError(f"the model in {path} has non-finite weights (NaN or inf in "
-                       f"{models.loading.non_finite(tensors)}): it cannot be trained or scored")
+                       f"{models.checkpoint.non_finite(tensors)}): it cannot be trained or scored")
     else:
       half = sorted({str(v.dtype) for v in tensors.values()} & {"float16", "bfloat16"})
       if half:

@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from childtune_jax.models.bert import ConfigError, _norm
-from childtune_jax.models.loading import (
-    CheckpointKeyError,
-    _flat,
-    _unflat,
-    flax_to_pytorch_layout,
-    read_safetensors,
-)
+from childtune_jax.models.bert.modeling import _norm
+from childtune_jax.models.checkpoint import ConfigError
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -251,89 +243,3 @@ class ClipModel(nnx.Module):
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     return (self.image_features(pixel_values), self.text_features(input_ids, attention_mask),
             self.logit_scale[...])
-
-
-# ------------------------------------------------------------------ checkpoints
-def _to_module(name: str, value: np.ndarray, want: dict) -> tuple[tuple[str, ...], np.ndarray]:
-  """The module path of an on-disk (PyTorch-layout) tensor, and the tensor in its layout."""
-  *mods, leaf = name.split(".")
-  mods = tuple(mods)
-  if leaf != "weight" or (*mods, "weight") in want:
-    return (*mods, leaf), value
-  if (*mods, "kernel") in want:
-    if value.ndim == 4:  # a conv: (out, in, h, w) -> (h, w, in, out)
-      return (*mods, "kernel"), value.transpose(2, 3, 1, 0)
-    return (*mods, "kernel"), value.T
-  if (*mods, "embedding") in want:
-    return (*mods, "embedding"), value
-  return (*mods, "scale"), value
-
-
-def load_clip_params(model: ClipModel, tensors: dict[str, np.ndarray]) -> None:
-  """Copies a Hugging Face CLIP checkpoint's tensors into ``model``; every one must fit.
-
-  A missing or unexpected key, or a shape mismatch, is a :class:`CheckpointKeyError`
-  naming it (``position_ids`` buffers of older checkpoints are skipped).
-  """
-  _, state = nnx.split(model, nnx.Param)
-  pure = nnx.to_pure_dict(state)
-  want = _flat(pure)
-  got: dict[tuple[str, ...], np.ndarray] = {}
-  for key, value in tensors.items():
-    if key.endswith("position_ids"):
-      continue
-    path, value = _to_module(key, np.asarray(value), want)
-    if path not in want:
-      raise CheckpointKeyError(f"unexpected key {key!r} for a CLIP of this config")
-    if value.shape != tuple(want[path].shape):
-      raise CheckpointKeyError(f"{key!r} does not fit: {list(value.shape)} in the model's "
-                               f"layout, the model expects {list(want[path].shape)}")
-    got[path] = value.astype(np.asarray(want[path]).dtype)
-  missing = [p for p in want if p not in got]
-  if missing:
-    raise CheckpointKeyError(f"the checkpoint lacks {'.'.join(missing[0])} "
-                             f"({len(missing)} missing parameters)")
-  nnx.replace_by_pure_dict(state, _unflat({p: jnp.asarray(v) for p, v in got.items()}, pure))
-  nnx.update(model, state)
-
-
-def clip_from_pretrained(folder: str, *, dtype: Any = jnp.float32) -> ClipModel:
-  """A :class:`ClipModel` from a local Hugging Face CLIP folder (``config.json`` and
-  ``model.safetensors``)."""
-  config = ClipConfig.from_file(os.path.join(folder, "config.json"))
-  model = ClipModel(config, rngs=nnx.Rngs(0), dtype=dtype)
-  load_clip_params(model, read_safetensors(folder))
-  return model
-
-
-def clip_to_pytorch_layout(model: ClipModel) -> dict[str, np.ndarray]:
-  """The model's parameters under Hugging Face's PyTorch names and layouts."""
-  return flax_to_pytorch_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
-def save_clip(model: ClipModel, folder: str, config: dict) -> None:
-  """Writes ``config.json`` (``config``, the original's) and ``model.safetensors`` in
-  Hugging Face's layout: transformers' PyTorch ``CLIPModel.from_pretrained`` loads it."""
-  from childtune_jax.models.loading import write_safetensors
-
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  write_safetensors(clip_to_pytorch_layout(model), os.path.join(folder, "model.safetensors"),
-                    metadata={"format": "pt"})
-
-
-def normalise_images(images: jax.Array, size: int,
-                     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
-                     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
-                     ) -> jax.Array:
-  """Grey images ``(n, h, w)`` in [0, 1] as CLIP's input: resized (bicubic) to ``size``,
-  three channels, normalised by CLIP's mean and std; ``(n, 3, size, size)`` float32.
-
-  Traceable (``jit``): the images can be prepared inside the step that uses them.
-  """
-  x = jnp.asarray(images, jnp.float32)[..., None]
-  x = jax.image.resize(x, (x.shape[0], size, size, 1), "bicubic").clip(0.0, 1.0)
-  x = (jnp.repeat(x, 3, -1) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-  return jnp.transpose(x, (0, 3, 1, 2))
-

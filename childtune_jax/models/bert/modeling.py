@@ -17,13 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from childtune_jax.models.checkpoint import ConfigError
+
 FAMILIES = ("bert", "roberta", "electra")
 _ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "relu": jax.nn.relu,
                 "gelu_new": lambda x: jax.nn.gelu(x, approximate=True), "tanh": jnp.tanh}
-
-
-class ConfigError(ValueError):
-  """A model config that these modules cannot build, named in one line."""
 
 
 @dataclasses.dataclass(frozen=True)
