@@ -196,3 +196,38 @@ def test_own_pairs_and_texts_and_bad_input(tmp_path, capsys):
   with pytest.raises(Exception, match="no instruction template"):
     prompts.template("stsb")
   assert TASKS["stsb"].is_regression
+
+
+def _saved(tmp_path, mode, *extra):
+  out = tmp_path / mode
+  train = tmp_path / "pairs.jsonl"
+  train.write_text("".join(json.dumps({"prompt": f"say {w}", "response": w}) + "\n"
+                           for w in ("yes", "no", "maybe", "never")))
+  assert cli.main([*SFT, "--mode", mode, "--train-file", str(train), "--validation-file",
+                   str(train), "--output-dir", str(out), "--epochs", "3", "--batch-size",
+                   "2", *extra]) == 0  # 6 steps: the first (warmup) has a rate of 0
+  from childtune_jax.models.checkpoint import read_safetensors
+
+  return (read_safetensors(str(out / "seed-42" / "model")), read_safetensors(TINY),
+          json.loads((out / "seed-42" / "results.json").read_text()))
+
+
+def test_lora_moves_only_the_adapted_matrices(tmp_path):
+  after, before, res = _saved(tmp_path, "lora", "--lora-rank", "2")
+  assert res["lora"] == {"rank": 2, "alpha": 4.0, "matrices": 7, "trainable": res["lora"][
+      "trainable"]} and res["lora"]["trainable"] < 0.2 * sum(v.size for v in before.values())
+  for key, value in before.items():
+    if key == "lm_head.weight":  # tied: written once, as the embedding
+      continue
+    adapted = key.endswith(("proj.weight",)) and ".layers." in key
+    assert np.array_equal(after[key], value) != adapted, key
+
+
+def test_hft_in_one_stage_leaves_exactly_half_of_the_matrices_as_they_were(tmp_path):
+  after, before, res = _saved(tmp_path, "hft", "--hft-every", "1000")
+  assert res["hft"] == {"every": 1000, "stages": 1}
+  matrices = [k for k in before if k.endswith("proj.weight") and ".layers." in k]
+  same = [np.array_equal(after[k], before[k]) for k in matrices]
+  assert sum(same) == len(matrices) // 2  # 7 matrices x 2 layers: 7 frozen, 7 trained
+  others = [k for k in before if k not in matrices and k != "lm_head.weight"]
+  assert not any(np.array_equal(after[k], before[k]) for k in others if "norm" not in k)

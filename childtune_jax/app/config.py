@@ -208,6 +208,23 @@ class SFTConfig(TrainConfig):
       None, "--eval-text", "also score the perplexity of a plain-text file (a text a line), as "
       "text/NAME: NAME=FILE; repeatable", metavar="NAME=FILE", repeat=True, group="data",
       commands=("sft",))
+  eval_samples: int | None = flag(
+      None, "--eval-samples", "score a fixed random subset of at most N examples of each "
+      "--eval-task split (the same for every seed and run)", type=t.positive_int,
+      metavar="N", group="data", commands=("sft",))
+  fisher_samples: int | None = flag(
+      None, "--fisher-samples", "the Fisher pass on the first N of the seed's training pairs, "
+      "in its Fisher order (default: all of them)", type=t.positive_int, metavar="N",
+      commands=("sft",))
+  lora_rank: int = flag(8, "--lora-rank", "the adapters' rank (default 8)",
+                        type=t.positive_int, group="mode lora", commands=("sft",))
+  lora_alpha: float | None = flag(
+      None, "--lora-alpha", "LoRA's alpha: the adapters' product is scaled by alpha / rank "
+      "(default 2 x rank)", type=t.positive_float, group="mode lora", commands=("sft",))
+  hft_every: int | None = flag(
+      None, "--hft-every", "the stages' length in optimizer steps: a new random half of the "
+      "matrices is frozen at the start of each (default: an epoch)", type=t.positive_int,
+      group="mode hft", commands=("sft",))
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from childtune_jax import _tree
+from childtune_jax import _tree, baselines
 from childtune_jax.app import config
 from childtune_jax.app.errors import UsageError
 from childtune_jax.dynamic import (
@@ -60,6 +60,20 @@ class Optimizing:
 
 
 @dataclasses.dataclass(frozen=True)
+class Adapter:
+  """A mode that trains other parameters than the model's own (LoRA's adapters).
+
+  Attributes:
+    init: ``init(params) -> trainable``, the run's tree of parameters from the model's.
+    merge: ``merge(trainable) -> params``, the model's parameters again (traceable: inside
+      the loss, every step).
+  """
+
+  init: Callable[[Any], Any]
+  merge: Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class Mode:
   """One ``--mode``.
 
@@ -81,6 +95,7 @@ class Mode:
       length.
     tracker: ``tracker(run, state) -> after_step(step)``: what it records while it trains
       (in ``state.history``), and ``finish_record(run, state)`` closes it in the results.
+    adapter: ``adapter(run) -> Adapter`` for a mode that trains parameters of its own.
   """
 
   name: str
@@ -94,6 +109,7 @@ class Mode:
   check_steps: Callable[[argparse.Namespace, int], None] | None = None
   tracker: Callable[[Run, TrainState], Callable[[int], None]] | None = None
   finish_record: Callable[[Run, TrainState], None] | None = None
+  adapter: Callable[[Run], Adapter] | None = None
 
 
 # -- optimizers -----------------------------------------------------------------------------
@@ -141,6 +157,49 @@ def _dynamic(o: Optimizing) -> optax.GradientTransformation:
       child_tuning_dynamic(cfg.reserve_p, every=every, full_stage=full_stage,
                            decay=cfg.score_decay, where=o.run.scope),
       optax.adamw(o.schedule, mask=default_weight_decay_mask, **o.adamw))
+
+
+def _lora(o: Optimizing) -> optax.GradientTransformation:
+  """AdamW on the adapters; the pretrained parameters, frozen, keep no optimizer state."""
+  def labels(params: Any) -> Any:
+    return {"base": jax.tree_util.tree_map(lambda _: "frozen", params["base"]),
+            "lora": jax.tree_util.tree_map(lambda _: "adapters", params["lora"])}
+
+  adamw = optax.adamw(o.schedule, mask=default_weight_decay_mask, **o.adamw)
+  return optax.multi_transform({"adapters": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+def _lora_adapter(r: Run) -> Adapter:
+  from childtune_jax.app.steps import stream_key
+
+  cfg = r.cfg
+  alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
+  key = stream_key(cfg.seed, "child")
+
+  def init(params: Any) -> Any:
+    adapters = baselines.lora_adapters(key, params, cfg.lora_rank)
+    r.results["lora"] = {"rank": cfg.lora_rank, "alpha": alpha, "matrices": len(adapters),
+                         "trainable": sum(x.size for x in jax.tree_util.tree_leaves(adapters))}
+    return {"base": params, "lora": adapters}
+
+  return Adapter(init, lambda tree: baselines.apply_lora(tree["base"], tree["lora"],
+                                                         alpha / cfg.lora_rank))
+
+
+def _hft(o: Optimizing) -> optax.GradientTransformation:
+  """AdamW between two copies of the same half-freezing mask: the frozen half gets neither
+  a gradient nor an update (not even weight decay), the other half trains."""
+  from childtune_jax.app.steps import stream_key
+
+  cfg = o.run.cfg
+  every = cfg.hft_every or max(1, o.plan.steps_per_epoch // cfg.grad_accum)
+  o.run.results["hft"] = {"every": every, "stages": -(-o.plan.optimizer_steps // every)}
+
+  def freeze() -> optax.GradientTransformation:
+    return baselines.half_fine_tuning(stream_key(cfg.seed, "child"), every=every)
+
+  return optax.chain(freeze(), optax.adamw(o.schedule, mask=default_weight_decay_mask,
+                                           **o.adamw), freeze())
 
 
 # -- fixed networks -------------------------------------------------------------------------
@@ -263,14 +322,18 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          check=_check_f),
     Mode("D", "Child-Tuning_D: the top p by Fisher information, fixed",
          ("train", "multitask", "sft"), "D", _fixed,
-         options=("fisher", "fisher_microbatch", "child_mask", *_FIXED_OPTIONS),
-         network=_d_network),
+         options=("fisher", "fisher_microbatch", "fisher_samples", "child_mask",
+                  *_FIXED_OPTIONS), network=_d_network),
     Mode("random", "D's size with a random child network (the paper's control)", ("train",),
          "D", _fixed, options=("random_like", *_FIXED_OPTIONS), network=_random_network),
     Mode("dynamic", "a dynamic child network, re-selected during training", ("train", "sft"),
          "D", _dynamic, options=("every", "full_stage", "dynamic_score", "score_decay"),
          check=_check_dynamic, check_steps=_check_dynamic_steps, tracker=_dynamic_tracker,
          finish_record=_dynamic_finish),
+    Mode("lora", "LoRA: low-rank adapters on the attention and MLP matrices, the rest frozen",
+         ("sft",), None, _lora, options=("lora_rank", "lora_alpha"), adapter=_lora_adapter),
+    Mode("hft", "Half Fine-Tuning: a random half of the matrices frozen, re-drawn each stage",
+         ("sft",), None, _hft, options=("hft_every",)),
     Mode("shared-D", "one child network from each task's Fisher, combined by --combine",
          ("multitask",), "D", _fixed,
          options=("fisher", "fisher_microbatch", "child_mask", "combine", *_FIXED_OPTIONS),

@@ -77,7 +77,8 @@ def load(r: Run, train_pairs: lmdata.Pairs, evals: dict[str, lmdata.Pairs],
   t = time.perf_counter()
   model = lm.load(cfg.model, getattr(jnp, cfg.dtype))
   tok = model.tokenizer
-  evals = dict(evals) if cfg.eval_dev else {}
+  if not cfg.eval_dev:  # the task's own splits unseen; other tasks and texts still scored
+    evals = {k: v for k, v in evals.items() if "/" in k}
   train_pairs, selection = data.training_split(train_pairs, cfg.max_train_samples,
                                                cfg.selection_samples, cfg.seed)
   if selection is not None:
@@ -131,7 +132,7 @@ class SFTSource(modes.NetworkSource):
       return jnp.sum(response_nll(self.model, params, batch) * batch["weights"])
 
     several = jax.device_count() > 1
-    order = data.fisher_order(len(self.splits.train), cfg.seed)
+    order = data.fisher_order(len(self.splits.train), cfg.seed)[:cfg.fisher_samples]
     batches = list(lmdata.batches(self.splits.train, cfg.batch_size, cfg.max_seq_length,
                                   self.splits.pad_id, order, pad_rows=several,
                                   bucket=cfg.pad_multiple))
@@ -234,6 +235,23 @@ def make_evaluate(r: Run, model: lm.LM, splits: Splits) -> Callable[[Any, str], 
                    max_seq_length=r.cfg.max_seq_length, pad_multiple=r.cfg.pad_multiple)
 
 
+def adapted(model: lm.LM, adapter: modes.Adapter, r: Run) -> lm.LM:
+  """``model`` whose parameters are an adapter's tree (LoRA's), merged for every use."""
+  base_module, base_save = model.module, model.save
+  params = place(r, adapter.init(jax.device_get(model.params)))
+  merge = jax.jit(adapter.merge)
+
+  def module(tree: Any) -> Any:
+    return base_module(adapter.merge(tree))
+
+  def apply(tree: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None
+            ) -> jax.Array:
+    return module(tree)(input_ids, attention_mask)
+
+  return dataclasses.replace(model, params=params, module=module, apply=apply,
+                             save=lambda folder, tree: base_save(folder, merge(tree)))
+
+
 def run(cfg: SFTConfig, train_pairs: lmdata.Pairs, evals: dict[str, lmdata.Pairs],
         texts: dict[str, list[str]], out_dir: str, *, task: Task | None = None,
         resume: bool = False) -> dict:
@@ -251,6 +269,9 @@ def run(cfg: SFTConfig, train_pairs: lmdata.Pairs, evals: dict[str, lmdata.Pairs
   r = start(cfg, out_dir, task=task_of(task))
   r.scope = None  # every parameter: a decoder has no new head (childtune_jax.decoder)
   model, splits = load(r, train_pairs, evals, texts)
+  mode = modes.MODES[cfg.mode]
+  if mode.adapter is not None:  # the run trains the adapters' tree; the model sees it merged
+    model = adapted(model, mode.adapter(r), r)
   loss_fn = make_loss(model)
   keep = child_network(r, SFTSource(r, model, splits), model.params, resume=resume)
   plan = Plan.of(cfg, len(splits.train))

@@ -144,8 +144,9 @@ def load_pairs(args: argparse.Namespace) -> tuple[Task | None, Pairs, dict[str, 
     name, _, split = spec.partition(":")
     other, template = prompts.template(name)
     split = split or eval_split_names(other)[-1]
-    pairs[f"{other.name}/{split}"] = lmdata.from_examples(
-        data.read_split(other, args.data_dir, split), template)
+    examples = data.subsample(data.read_split(other, args.data_dir, split), args.eval_samples,
+                              0)  # the same subset for every seed and run
+    pairs[f"{other.name}/{split}"] = lmdata.from_examples(examples, template)
   texts = {}
   for spec in args.eval_text or []:
     name, sep, path = spec.partition("=")
