@@ -256,6 +256,10 @@ class RunOptions:
                             "(default prompt)", group="data", commands=("sft",))
   response_column: str = flag("response", "--response-column", "the response field of your own "
                               "files (default response)", group="data", commands=("sft",))
+  report_to: str = flag("auto", "--report-to", "where the metrics stream goes besides each "
+                        "seed's metrics.jsonl: tensorboard (event files in seed-N/tensorboard),"
+                        " none, or auto (the default: tensorboard where tensorboardX is "
+                        "installed)", choices=("auto", "tensorboard", "none"))
   compilation_cache: str | None = flag(
       None, "--compilation-cache", "keep XLA's compiled programs in DIR (JAX's persistent "
       "compilation cache), so that later runs and seeds with the same shapes skip compiling "

@@ -95,7 +95,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
     return rundir.run_seeds(args, cache, task, make_config,
                             lambda cfg, seed_dir: train.run(cfg, train_set, evals, seed_dir,
-                                                            resume=args.resume))
+                                                            resume=args.resume,
+                                                            report_to=args.report_to))
 
 
 def run_multitask(args: argparse.Namespace) -> dict:
@@ -124,7 +125,8 @@ def run_multitask(args: argparse.Namespace) -> dict:
 
     return rundir.run_seeds(args, cache, joined, make_config,
                             lambda cfg, seed_dir: multitask.run(cfg, datasets, seed_dir,
-                                                                resume=args.resume))
+                                                                resume=args.resume,
+                                                                report_to=args.report_to))
 
 
 def run_sft(args: argparse.Namespace) -> dict:
@@ -147,4 +149,5 @@ def run_sft(args: argparse.Namespace) -> dict:
     return rundir.run_seeds(args, cache, sft.task_of(task), make_config,
                             lambda cfg, seed_dir: sft.run(cfg, train_pairs, evals, texts,
                                                           seed_dir, task=task,
-                                                          resume=args.resume))
+                                                          resume=args.resume,
+                                                          report_to=args.report_to))

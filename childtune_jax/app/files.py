@@ -23,8 +23,10 @@ MASK_FILE = "child_mask.npz"  # the child network a D (or random) run trained
 OVERLAP_FILE = "child_overlap.json"  # a multi-task network's Jaccard with each task's own
 MODEL_DIR = "model"  # the fine-tuned model, in Hugging Face's layout
 SUMMARY_FILE = "summary.json"  # in the output folder: every finished seed, summarised
+METRICS_FILE = "metrics.jsonl"  # the metrics stream, a line a step (and TensorBoard's folder)
+TENSORBOARD_DIR = "tensorboard"
 SEED_FILES = (RESULTS_FILE, RUN_FILE, CHECKPOINT_DIR, MASK_FILE, OVERLAP_FILE, MODEL_DIR,
-              HISTORY_FILE)
+              HISTORY_FILE, METRICS_FILE, TENSORBOARD_DIR)
 SEED_FIELD = "{seed}"  # in a mask path given to train: each seed's own number
 
 

@@ -228,13 +228,18 @@ def encode_texts(tokenizer: TextTokenizer, texts: list[str], max_length: int) ->
   return Encoded([s[:1] for s in ids], [s[1:] for s in ids], None, None)
 
 
-def prompt_batches(data: Encoded, rows: int, pad_id: int, bucket: int = 16
-                   ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-  """The prompts alone, ``rows`` at a time, *left*-padded (to a multiple of ``bucket``), so
-  that every row's answer starts at the same position of a KV cache; yields how many rows
-  are real and the batch (``input_ids``, ``attention_mask``, ``positions``)."""
-  for start in range(0, len(data), rows):
-    index = range(start, min(start + rows, len(data)))
+def prompt_batches(data: Encoded, rows: int, pad_id: int, bucket: int = 16,
+                   order: Sequence[int] | None = None
+                   ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+  """The prompts alone, ``rows`` at a time in ``order`` (default: shortest first, so that a
+  batch pads little), *left*-padded (to a multiple of ``bucket``), so that every row's
+  answer starts at the same position of a KV cache; yields the batch's example indices
+  (its real rows) and the batch (``input_ids``, ``attention_mask``, ``positions``)."""
+  if order is None:
+    order = np.argsort([len(p) for p in data.prompt_ids], kind="stable")
+  order = np.asarray(order)
+  for start in range(0, len(order), rows):
+    index = order[start:start + rows]
     prompts = [data.prompt_ids[i] for i in index]
     length = -(-max(len(p) for p in prompts) // bucket) * bucket
     ids = np.full((rows, length), pad_id, np.int32)
@@ -244,4 +249,4 @@ def prompt_batches(data: Encoded, rows: int, pad_id: int, bucket: int = 16
       ids[row, length - len(p):] = p
       attention[row, length - len(p):] = 1
     positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
-    yield len(prompts), {"input_ids": ids, "attention_mask": attention, "positions": positions}
+    yield index, {"input_ids": ids, "attention_mask": attention, "positions": positions}

@@ -96,6 +96,9 @@ class Mode:
     tracker: ``tracker(run, state) -> after_step(step)``: what it records while it trains
       (in ``state.history``), and ``finish_record(run, state)`` closes it in the results.
     adapter: ``adapter(run) -> Adapter`` for a mode that trains parameters of its own.
+    step_metrics: ``step_metrics(run) -> measure``; ``measure(state, new_state, grads)``
+      (inside the jitted step) gives what the mode streams of each step (its
+      ``kept_fraction``).
   """
 
   name: str
@@ -110,6 +113,7 @@ class Mode:
   tracker: Callable[[Run, TrainState], Callable[[int], None]] | None = None
   finish_record: Callable[[Run, TrainState], None] | None = None
   adapter: Callable[[Run], Adapter] | None = None
+  step_metrics: Callable[[Run], Callable[[Any, Any, Any], dict]] | None = None
 
 
 # -- optimizers -----------------------------------------------------------------------------
@@ -200,6 +204,44 @@ def _hft(o: Optimizing) -> optax.GradientTransformation:
 
   return optax.chain(freeze(), optax.adamw(o.schedule, mask=default_weight_decay_mask,
                                            **o.adamw), freeze())
+
+
+def _f_kept(r: Run) -> Callable[[Any, Any, Any], dict]:
+  """The fraction of the scalars F's mask kept at a step: its mask redrawn from its state
+  (a pure function of the key and the step) and counted."""
+  from childtune_jax.app.steps import stream_key
+  from childtune_jax.transform import ChildTuningFState, child_tuning_f
+
+  cfg = r.cfg
+  f = child_tuning_f(cfg.reserve_p, stream_key(cfg.seed, "child"), sampler=cfg.sampler)
+
+  def measure(state: Any, new_state: Any, grads: Any) -> dict:
+    del new_state
+    found = [x for x in jax.tree_util.tree_leaves(
+        state, is_leaf=lambda x: isinstance(x, ChildTuningFState))
+        if isinstance(x, ChildTuningFState)]
+    ones = jax.tree_util.tree_map(jnp.ones_like, grads)
+    masked, _ = f.update(ones, found[0])
+    leaves = jax.tree_util.tree_leaves(masked)
+    kept = sum(jnp.sum(x != 0, dtype=jnp.float32) for x in leaves)
+    return {"kept_fraction": kept / sum(x.size for x in leaves)}
+
+  return measure
+
+
+def _dynamic_kept(r: Run) -> Callable[[Any, Any, Any], dict]:
+  """The fraction of the selected scalars in the dynamic network after the step."""
+  def measure(state: Any, new_state: Any, grads: Any) -> dict:
+    del state
+    keep = dynamic_state(new_state).keep
+    flags = _tree.resolve_where(r.scope, grads)
+    words = jax.tree_util.tree_leaves(keep, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    total = sum(g.size for g, take in zip(jax.tree_util.tree_leaves(grads), flags) if take)
+    kept = sum(jnp.sum(jax.lax.population_count(k).astype(jnp.float32)) for k in words
+               if not isinstance(k, optax.MaskedNode))
+    return {"kept_fraction": kept / total}
+
+  return measure
 
 
 # -- fixed networks -------------------------------------------------------------------------
@@ -319,7 +361,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("vanilla", "vanilla AdamW", ("train", "multitask", "sft"), None, _vanilla),
     Mode("F", "Child-Tuning_F: a fresh Bernoulli(p) mask every step",
          ("train", "multitask", "sft"), "F", _f, options=("sampler", "freeze_non_child"),
-         check=_check_f),
+         check=_check_f, step_metrics=_f_kept),
     Mode("D", "Child-Tuning_D: the top p by Fisher information, fixed",
          ("train", "multitask", "sft"), "D", _fixed,
          options=("fisher", "fisher_microbatch", "fisher_samples", "child_mask",
@@ -329,7 +371,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("dynamic", "a dynamic child network, re-selected during training", ("train", "sft"),
          "D", _dynamic, options=("every", "full_stage", "dynamic_score", "score_decay"),
          check=_check_dynamic, check_steps=_check_dynamic_steps, tracker=_dynamic_tracker,
-         finish_record=_dynamic_finish),
+         finish_record=_dynamic_finish, step_metrics=_dynamic_kept),
     Mode("lora", "LoRA: low-rank adapters on the attention and MLP matrices, the rest frozen",
          ("sft",), None, _lora, options=("lora_rank", "lora_alpha"), adapter=_lora_adapter),
     Mode("hft", "Half Fine-Tuning: a random half of the matrices frozen, re-drawn each stage",

@@ -88,7 +88,7 @@ def param_shapes(model: str, tasks: Sequence[Task], backend: str) -> dict:
 
 
 def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], out_dir: str,
-        *, resume: bool = False) -> dict:
+        *, resume: bool = False, report_to: str = "auto") -> dict:
   """Trains one seed on every task of ``cfg`` together; results also in ``results.json``.
 
   Args:
@@ -98,7 +98,7 @@ def run(cfg: MultitaskConfig, datasets: dict[str, tuple[data.Examples, dict]], o
     resume: continue from the last checkpoint in ``out_dir`` if there is one.
   """
   tasks = [TASKS[name] for name in cfg.tasks]
-  r = steps.start(cfg, out_dir, task=tasks[0])
+  r = steps.start(cfg, out_dir, task=tasks[0], report_to=report_to)
   t0 = time.perf_counter()
   models, splits = [], []
   for task in tasks:
@@ -274,6 +274,7 @@ def _finish(r: steps.Run, plan: steps.Plan, state: steps.TrainState, models: lis
                         for task, evaluate, s in zip(tasks, evaluates, splits)
                         for name in s.evals}
   r.timings["eval_s"] = time.perf_counter() - t
+  r.stream.evaluation(state.step, results["metrics"])
 
   def mean_main(split: str) -> float | None:
     scores = [results["metrics"].get(f"{t.name}/{split}", {}).get(t.metrics[0]) for t in tasks]

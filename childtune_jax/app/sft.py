@@ -205,20 +205,22 @@ def evaluator(model: lm.LM, evals: dict[str, lmdata.Encoded], mesh: jax.sharding
     n = len(enc)
     if enc.answer_ids is not None and enc.labels is not None:
       answers = tuple(tuple(a + eos) for a in enc.answer_ids)
-      nll = []
-      for real, batch in tqdm(lmdata.prompt_batches(enc, rows, pad_id, pad_multiple),
-                              total=math.ceil(n / rows), desc=f"eval {name}", disable=None,
-                              leave=False):
-        nll.append(host(choices(params, parallel.put_batch(batch, sharding), answers))[:real])
-      nll = np.concatenate(nll)
+      nll = np.zeros((n, len(answers)))
+      for index, batch in tqdm(lmdata.prompt_batches(enc, rows, pad_id, pad_multiple),
+                               total=math.ceil(n / rows), desc=f"eval {name}", disable=None,
+                               leave=False):
+        out = host(choices(params, parallel.put_batch(batch, sharding), answers))
+        nll[index] = out[:len(index)]
       true = nll[np.arange(n), enc.labels]
       tokens = np.array([len(answers[y]) for y in enc.labels], np.float64)
       loss = float(true.sum() / tokens.sum())
       return {"accuracy": float(np.mean(nll.argmin(-1) == enc.labels)), "loss": loss,
               "perplexity": math.exp(min(loss, 700.0))}
     sums, counts = [], []
-    for batch in tqdm(lmdata.batches(enc, rows, max_seq_length, pad_id, pad_rows=True,
-                                     bucket=pad_multiple),
+    by_length = np.argsort([len(p) + len(q) for p, q in zip(enc.prompt_ids, enc.response_ids)],
+                           kind="stable")  # a batch of similar lengths pads little
+    for batch in tqdm(lmdata.batches(enc, rows, max_seq_length, pad_id, by_length,
+                                     pad_rows=True, bucket=pad_multiple),
                       total=math.ceil(n / rows), desc=f"eval {name}", disable=None, leave=False):
       s, c = response(params, parallel.put_batch(batch, sharding))
       sums.append(host(s))
@@ -254,7 +256,7 @@ def adapted(model: lm.LM, adapter: modes.Adapter, r: Run) -> lm.LM:
 
 def run(cfg: SFTConfig, train_pairs: lmdata.Pairs, evals: dict[str, lmdata.Pairs],
         texts: dict[str, list[str]], out_dir: str, *, task: Task | None = None,
-        resume: bool = False) -> dict:
+        resume: bool = False, report_to: str = "auto") -> dict:
   """Fine-tunes one seed of a decoder; its results (also in ``out_dir/results.json``).
 
   Args:
@@ -266,7 +268,7 @@ def run(cfg: SFTConfig, train_pairs: lmdata.Pairs, evals: dict[str, lmdata.Pairs
     task: the task the pairs render, if any (accuracy is then its main metric).
     resume: continue from the last checkpoint in ``out_dir`` if there is one.
   """
-  r = start(cfg, out_dir, task=task_of(task))
+  r = start(cfg, out_dir, task=task_of(task), report_to=report_to)
   r.scope = None  # every parameter: a decoder has no new head (childtune_jax.decoder)
   model, splits = load(r, train_pairs, evals, texts)
   mode = modes.MODES[cfg.mode]

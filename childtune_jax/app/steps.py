@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from childtune_jax import parallel
 from childtune_jax._tree import Where
-from childtune_jax.app import data, files, interrupts, maskfile, modes, provenance
+from childtune_jax.app import data, files, interrupts, maskfile, modes, provenance, stream
 from childtune_jax.app.checkpoints import Checkpoints
 from childtune_jax.app.config import TrainConfig
 from childtune_jax.app.errors import TrainingFailed
@@ -39,6 +39,7 @@ from childtune_jax.masks import is_encoder_layer, kept_fraction
 logger = logging.getLogger(__name__)
 
 SELECTION = "selection"  # the name of the selection split among the evaluation splits
+STREAM_EVERY = 10  # steps between reads of the device's metrics (each read waits for it)
 
 
 @jax.jit
@@ -105,6 +106,8 @@ class Run:
   results: dict[str, Any]  # what results.json will hold, filled in by the steps
   timings: dict[str, float]
   scope: Where = is_encoder_layer  # the leaves a child network is chosen among
+  report_to: str = "auto"  # where the metrics stream goes besides metrics.jsonl
+  stream: Any = None  # the MetricsStream, from restore_or_start on
 
   @property
   def eval_rows(self) -> int:
@@ -128,10 +131,12 @@ class TrainState:
     return np.array([float(x) for x in self.losses] + [np.nan] * (total_steps - len(self.losses)))
 
 
-def start(cfg: TrainConfig, out_dir: str, task: Task | None = None) -> Run:
+def start(cfg: TrainConfig, out_dir: str, task: Task | None = None,
+          report_to: str = "auto") -> Run:
   """The mesh and the seed's folder (see :func:`record_config`).
 
-  ``task``: the run's task (default ``data.TASKS[cfg.task]``; a multi-task run's first).
+  ``task``: the run's task (default ``data.TASKS[cfg.task]``; a multi-task run's first);
+  ``report_to``: TensorBoard or not, besides ``metrics.jsonl`` (:mod:`.stream`).
   """
   task = task or TASKS[cfg.task]
   axes = parallel.parse_mesh(cfg.mesh, jax.device_count())
@@ -139,7 +144,8 @@ def start(cfg: TrainConfig, out_dir: str, task: Task | None = None) -> Run:
   parallel.check_batch(mesh, cfg.batch_size, "--batch-size")
   primary = parallel.is_primary()
   results: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
-  return Run(cfg, task, out_dir, mesh, axes, primary, results, timings={})
+  return Run(cfg, task, out_dir, mesh, axes, primary, results, timings={},
+             report_to=report_to)
 
 
 def record_config(r: Run) -> None:
@@ -261,12 +267,17 @@ def init_optimizer(r: Run, plan: Plan, keep: Any, params: Any
 
 def make_train_step(r: Run, loss_fn: Callable, tx: optax.GradientTransformation, params: Any,
                     opt_state: Any) -> Callable:
-  """``train_step(params, opt_state, batch, step) -> (params, opt_state, loss)``, jitted.
+  """``train_step(params, opt_state, batch, step) -> (params, opt_state, metrics)``, jitted.
 
-  Parameters and optimizer state keep their shardings (donated, updated in place); the
-  dropout key of micro-batch ``step`` is ``fold_in(stream_key(seed, "dropout"), step)``.
+  ``metrics`` holds the batch's ``loss``, the gradient's global norm before clipping
+  (``grad_norm``) and what the mode measures of its step (F's and a dynamic network's
+  ``kept_fraction``). Parameters and optimizer state keep their shardings (donated, updated
+  in place); the dropout key of micro-batch ``step`` is ``fold_in(stream_key(seed,
+  "dropout"), step)``.
   """
   dropout_key = stream_key(r.cfg.seed, "dropout")
+  mode = modes.MODES[r.cfg.mode]
+  measure = mode.step_metrics(r) if mode.step_metrics else None
 
   @partial(jax.jit, donate_argnums=(0, 1),
            out_shardings=(parallel.shardings_by_shape(r.mesh, params),
@@ -274,8 +285,13 @@ def make_train_step(r: Run, loss_fn: Callable, tx: optax.GradientTransformation,
                           parallel.replicated(r.mesh)))
   def train_step(params: Any, opt_state: Any, batch: dict, step: jax.Array):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(dropout_key, step))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    updates, new_state = tx.update(grads, opt_state, params)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                        for g in jax.tree_util.tree_leaves(grads)))
+    metrics = {"loss": loss, "grad_norm": norm}
+    if measure is not None:
+      metrics.update(measure(opt_state, new_state, grads))
+    return optax.apply_updates(params, updates), new_state, metrics
 
   return train_step
 
@@ -286,6 +302,8 @@ def restore_or_start(r: Run, plan: Plan, ckpt: Checkpoints, params: Any, opt_sta
   state = TrainState(0, params, opt_state, [], {"selection": {}, "networks": []})
   history_path = os.path.join(r.out_dir, files.HISTORY_FILE)
   if not resume:
+    r.stream = stream.MetricsStream(r.out_dir, start=0, report_to=r.report_to,
+                                    primary=r.primary)
     return state
   if os.path.exists(history_path):
     with open(history_path) as f:
@@ -299,6 +317,8 @@ def restore_or_start(r: Run, plan: Plan, ckpt: Checkpoints, params: Any, opt_sta
   # What the killed run recorded after its last checkpoint is recomputed, bitwise alike.
   state.history["networks"] = [n for n in state.history["networks"]
                                if n["step"] < state.step // r.cfg.grad_accum]
+  r.stream = stream.MetricsStream(r.out_dir, start=state.step, report_to=r.report_to,
+                                  primary=r.primary)
   return state
 
 
@@ -321,15 +341,25 @@ def run_steps(r: Run, plan: Plan, state: TrainState, train_step: Callable,
   """
   cfg = r.cfg
   sharding = parallel.batch_sharding(r.mesh)
+  schedule = linear_warmup_decay(cfg.learning_rate, plan.optimizer_steps, cfg.warmup_ratio)
+  pending: list[tuple[int, dict]] = []  # device metrics not yet streamed
+
+  def flush() -> None:  # one read of the device values, every few steps
+    for step, metrics in jax.device_get(pending):
+      r.stream.write(step, {"train/learning_rate": float(schedule((step - 1) // cfg.grad_accum)),
+                            **{f"train/{k}": float(v) for k, v in metrics.items()}})
+    pending.clear()
+
   t = time.perf_counter()
   with tqdm(total=plan.total_steps, initial=state.step, desc=f"train seed {cfg.seed}",
             unit="step", disable=None) as bar:
     while state.step < plan.total_steps:
-      state.params, state.opt_state, loss = train_step(
+      state.params, state.opt_state, metrics = train_step(
           state.params, state.opt_state, parallel.put_batch(next_batch(state.step), sharding),
           jnp.int32(state.step))
       state.step += 1
-      state.losses.append(loss)
+      state.losses.append(metrics["loss"])
+      pending.append((state.step, metrics))
       bar.update(1)
       step = state.step
       if after_step is not None:
@@ -338,11 +368,14 @@ def run_steps(r: Run, plan: Plan, state: TrainState, train_step: Callable,
       saving = bool(cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps)
       if end_of_epoch or saving or step == plan.total_steps:
         check_finite(state.losses, state.params, step, ckpt)
+      if len(pending) >= STREAM_EVERY or end_of_epoch or saving or step == plan.total_steps:
+        flush()
       if selection is not None and end_of_epoch and step < plan.total_steps:
         score = selection(state.params)
         if score is not None:
           state.history["selection"][str(step // plan.steps_per_epoch)] = score
           write_history(r, state)
+          r.stream.evaluation(step, {SELECTION: score})
       if saving:
         ckpt.save(step, state.params, state.opt_state, state.all_losses(plan.total_steps))
   jax.block_until_ready(state.params)
@@ -394,6 +427,7 @@ def record_results(r: Run, plan: Plan, state: TrainState, metrics: dict[str, dic
   ] if len(losses) == plan.total_steps else None
   results["train_losses"] = losses
   results["metrics"] = metrics
+  r.stream.evaluation(state.step, metrics)
   tests = [m[main] for name, m in metrics.items() if name != SELECTION and "/" not in name]
   results["score"] = float(np.mean(tests)) if tests and None not in tests else None
   if SELECTION in metrics:
@@ -415,6 +449,8 @@ def write_outputs(r: Run, plan: Plan, state: TrainState, ckpt: Checkpoints,
   results["steps"] = plan.total_steps
   results["versions"] = provenance.versions()
   ckpt.close()
+  if r.stream is not None:
+    r.stream.close()
   if r.cfg.save_model:  # gathered by every process (the parameters may span several)
     params = jax.tree_util.tree_map(parallel.to_host, state.params)
   with interrupts.deferred():  # a finished seed's files are written whole

@@ -190,7 +190,7 @@ def finish(r: Run, plan: Plan, state: TrainState, model: classifier.Classifier,
 
 
 def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Examples],
-        out_dir: str, *, resume: bool = False) -> dict:
+        out_dir: str, *, resume: bool = False, report_to: str = "auto") -> dict:
   """Fine-tunes one seed and returns its results (also written to ``out_dir/results.json``).
 
   Args:
@@ -199,8 +199,9 @@ def run(cfg: TrainConfig, train_set: data.Examples, evals: dict[str, data.Exampl
     evals: evaluation splits by name.
     out_dir: the seed's folder; checkpoints, the D mask and results go there.
     resume: continue from the last checkpoint in ``out_dir`` if there is one.
+    report_to: the metrics stream's TensorBoard (:mod:`~childtune_jax.app.stream`).
   """
-  r = start(cfg, out_dir)
+  r = start(cfg, out_dir, report_to=report_to)
   model, splits = load(r, train_set, evals)
   loss_fn = make_loss(r.task, model.apply)
   keep = child_network(r, TrainSource(r, loss_fn, model.params, splits), model.params,
