@@ -99,8 +99,9 @@ def response_nll(model: Any, batch: dict, pad_id: int) -> jax.Array:
 def commit_to_device(trainer: Any) -> None:
   """Puts the model's and the optimizer's state on the device, so that ``PeftTrainer``
   compiles its step once (host-resident state gives the first call other shardings)."""
+  device = jax.devices()[0]  # an explicit device commits the arrays (a bare device_put not)
   for obj in (trainer.model, trainer.optimizer):
-    nnx.update(obj, jax.device_put(nnx.state(obj)))
+    nnx.update(obj, jax.device_put(nnx.state(obj), device))
 
 
 def make_optimizer(mode: str, model: Any, batches: list[dict], pad_id: int, *,

@@ -41,6 +41,8 @@ def folder(tmp_path_factory):
                             max_position_embeddings=64)
   path = tmp_path_factory.mktemp("tiny") / "model"
   model = llama.CausalLM(cfg, rngs=nnx.Rngs(0))
+  for proj in (model.layers.self_attn.q_proj, model.layers.self_attn.k_proj):
+    proj.kernel[...] = proj.kernel[...] * 30  # sharp attention: the rotation shows
   llama.save_pretrained(model, str(path))
   return str(path)
 
