@@ -4,6 +4,8 @@ Xu et al, "Raise a Child in Large Language Model: Towards Effective and Generali
 Fine-tuning", EMNLP 2021 (https://arxiv.org/abs/2109.05687).
 """
 
+from importlib import metadata as _metadata
+
 from childtune_jax.dynamic import (
     ChildTuningDynamicState,
     DynamicAdamState,
@@ -33,7 +35,10 @@ from childtune_jax.transform import (
     default_weight_decay_mask,
 )
 
-__version__ = "0.1.0"
+try:
+  __version__ = _metadata.version("childtune-jax")
+except _metadata.PackageNotFoundError:  # a checkout that is not installed
+  __version__ = "0.2.0"
 
 __all__ = [
     "SAMPLERS",

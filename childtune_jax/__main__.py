@@ -1,4 +1,3 @@
+from childtune_jax.cli_entry import main
 
-from childtune_jax.app.cli import console_main
-
-console_main()
+main()

@@ -11,7 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+
+try:
+  from tqdm.auto import tqdm
+except ImportError:  # the bare library (no extras): no progress bar
+  tqdm = None
 
 from childtune_jax.parallel import to_host
 
@@ -139,7 +143,8 @@ def fisher_information(
     weights_key: with per-example Fisher and dict batches, the key of a per-example
       weight (1 for a real example, 0 for a padding row, as the CLI's batches carry):
       the Fisher averages over the real examples only, ``sum(w * g**2) / sum(w)``.
-    progress: show a tqdm bar over batches; default when stderr is a terminal.
+    progress: show a tqdm bar over batches (where tqdm is installed); default when stderr
+      is a terminal.
 
   Returns:
     A float32 pytree with the params' structure.
@@ -166,7 +171,9 @@ def fisher_information(
     progress = sys.stderr.isatty()
   total = len(batches) if hasattr(batches, "__len__") else None
   count = 0
-  for batch in tqdm(batches, total=total, desc="Fisher", unit="batch", disable=not progress):
+  if tqdm is not None:
+    batches = tqdm(batches, total=total, desc="Fisher", unit="batch", disable=not progress)
+  for batch in batches:
     size = _batch_size(batch)
     if size == 0:
       continue

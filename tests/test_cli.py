@@ -295,7 +295,7 @@ def test_summary_covers_every_seed_of_the_same_experiment_in_the_folder(
     tmp_path, monkeypatch, caplog):
   import dataclasses
 
-  def fake_run(cfg, train_set, evals, seed_dir, resume):
+  def fake_run(cfg, train_set, evals, seed_dir, resume, **kwargs):
     res = {"config": dataclasses.asdict(cfg), "score": cfg.seed / 100,
            "metrics": {"dev": {"accuracy": cfg.seed / 100}}}
     os.makedirs(seed_dir)
@@ -394,7 +394,7 @@ def test_dropout_and_child_tuning_f_draw_from_their_own_streams(tmp_path, monkey
   out = str(tmp_path / "run")
   assert cli.main(["train", "--task", "sst2", "--mode", "F", *FAST, "--seeds", "7",
                    "--no-save-model", "--output-dir", out]) == 0
-  assert sorted(asked) == [(7, "child"), (7, "dropout")]
+  assert set(asked) == {(7, "child"), (7, "dropout")}  # F's kept-fraction metric redraws "child"
   np.testing.assert_array_equal(jax.random.key_data(f_keys[0]),
                                 jax.random.key_data(real_stream(7, "child")))
 

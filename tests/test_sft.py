@@ -16,8 +16,8 @@ from childtune_jax.app.tasks import TASKS
 
 TINY = os.path.join(FIXTURES, "llama", "tiny-llama")
 SFT = ["sft", "--model", TINY, "--batch-size", "4", "--max-seq-length", "64",
-       "--learning-rate", "1e-2", "--epochs", "1", "--compilation-cache", "",
-       "--pad-multiple", "16"]
+       "--learning-rate", "1e-2", "--epochs", "1",
+       "--pad-multiple", "64"]  # one padded length: one compiled program a function
 
 
 @pytest.fixture(scope="module")
