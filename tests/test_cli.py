@@ -20,6 +20,7 @@ from childtune_jax.app import (
   modes,
   provenance,
   steps,
+  stream,
   summary,
   tasks,
   train,
@@ -127,7 +128,8 @@ def test_own_csv_files_and_overlap(tmp_path, capsys):
 
 
 def test_resume_equals_uninterrupted(tmp_path, capsys, dies_at_batch):
-  args = ["train", "--task", "mrpc", "--mode", "F", *FAST, "--epochs", "2", "--save-every", "3"]
+  args = ["train", "--task", "mrpc", "--mode", "F", *FAST, "--epochs", "2", "--save-every", "3",
+          "--report-to", "tensorboard"]
   full = str(tmp_path / "full")
   assert cli.main(args + ["--output-dir", full]) == 0
 
@@ -151,6 +153,21 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, dies_at_batch):
   assert sorted(a) == sorted(b)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
+  # The metrics stream continued where the checkpoint was: the steps after it, written by
+  # the killed run, were dropped and trained again; no step twice, in both of its forms.
+  from test_stream import tensorboard_scalars
+
+  streams = [stream.read(os.path.join(d, "seed-42", "metrics.jsonl")) for d in (full, part)]
+  assert streams[0] == streams[1]
+  steps = [r["step"] for r in streams[0] if "train/loss" in r]
+  assert steps == list(range(1, 9))
+  boards = [tensorboard_scalars(os.path.join(d, "seed-42", "tensorboard")) for d in (full, part)]
+  assert boards[0] == boards[1]
+  assert [s for s, _ in boards[0]["train/loss"]] == steps
+  np.testing.assert_allclose([v for _, v in boards[0]["train/loss"]],
+                             [r["train/loss"] for r in streams[0] if "train/loss" in r],
+                             rtol=1e-7)  # TensorBoard keeps float32
+  assert any(k.startswith("eval/dev/") for k in boards[0])
 
 
 def _bad(tmp_path, capsys, argv, message):
@@ -286,6 +303,8 @@ def test_init_seed_sets_the_head_initialisation_apart_from_the_seed(tmp_path, mo
   assert cli.main([*argv, "--output-dir", out, "--seeds", "1", "2", "--init-seed", "5"]) == 0
   assert calls == [5, 5]
   assert [_results(out, s)["config"]["init_seed"] for s in (1, 2)] == [5, 5]
+  # Each seed's curves.png and the folder's, across the two seeds.
+  assert all(os.path.isfile(os.path.join(out, d, "curves.png")) for d in ("seed-1", "seed-2", ""))
   calls.clear()
   assert cli.main([*argv, "--output-dir", str(tmp_path / "default"), "--seeds", "3"]) == 0
   assert calls == [3]
@@ -335,6 +354,7 @@ def test_compilation_cache_is_used_and_changes_no_number(tmp_path):
       hits[name] += 1
 
   previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  session_cache = jax.config.jax_compilation_cache_dir  # the suite's own (conftest.py)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # tiny model: cache all
   jax.monitoring.register_event_listener(count)
   try:
@@ -350,7 +370,7 @@ def test_compilation_cache_is_used_and_changes_no_number(tmp_path):
   assert any(n.endswith("-cache") for n in written)
   assert sorted(os.listdir(cache)) == written  # the second run compiled nothing new
   assert hits["read"] >= len(written) > 0
-  assert jax.config.jax_compilation_cache_dir is None  # the setting is put back
+  assert jax.config.jax_compilation_cache_dir == session_cache  # the setting is put back
   compilation_cache.reset_cache()
   # The "write" run compiled as any run does; the "read" run used the stored programs.
   write, read = (_results(str(tmp_path / n)) for n in ("write", "read"))

@@ -25,8 +25,9 @@ MODEL_DIR = "model"  # the fine-tuned model, in Hugging Face's layout
 SUMMARY_FILE = "summary.json"  # in the output folder: every finished seed, summarised
 METRICS_FILE = "metrics.jsonl"  # the metrics stream, a line a step (and TensorBoard's folder)
 TENSORBOARD_DIR = "tensorboard"
+CURVES_FILE = "curves.png"  # a seed's loss and evaluations drawn (and the folder's, across seeds)
 SEED_FILES = (RESULTS_FILE, RUN_FILE, CHECKPOINT_DIR, MASK_FILE, OVERLAP_FILE, MODEL_DIR,
-              HISTORY_FILE, METRICS_FILE, TENSORBOARD_DIR)
+              HISTORY_FILE, METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE)
 SEED_FIELD = "{seed}"  # in a mask path given to train: each seed's own number
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from childtune_jax import parallel
-from childtune_jax.app import config, files, interrupts, modes, preflight, summary
+from childtune_jax.app import config, files, interrupts, modes, plots, preflight, summary
 from childtune_jax.app.errors import UsageError
 from childtune_jax.app.tasks import Task
 
@@ -84,9 +84,9 @@ def is_seed_dir(out: str, name: str) -> bool:
 
 
 def own_entries(out: str) -> list[str]:
-  """What childtune wrote in ``out``: its seed folders and the summary."""
+  """What childtune wrote in ``out``: its seed folders, the summary and its curves."""
   return [n for n in sorted(os.listdir(out))
-          if is_seed_dir(out, n) or n == files.SUMMARY_FILE
+          if is_seed_dir(out, n) or n in (files.SUMMARY_FILE, files.CURVES_FILE)
           and os.path.isfile(os.path.join(out, n))]
 
 
@@ -313,5 +313,6 @@ def run_seeds(args: argparse.Namespace, cache: str | None, task: Task,
   summarized["mode"] = args.mode
   if primary:
     files.write_json(os.path.join(out, files.SUMMARY_FILE), summarized)
+    plots.write_curves(out, [os.path.join(out, f"seed-{s}") for s in sorted(results)])
   print(summary.format_table([(args.mode, summarized)]))
   return summarized

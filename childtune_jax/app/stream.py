@@ -6,7 +6,7 @@ line, so that a crash leaves it readable up to its last line; with ``--report-to
 tensorboard`` (the default where ``tensorboardX`` is installed, with the ``cli`` extra) the
 same scalars go to TensorBoard event files in ``tensorboard/``. A resumed run continues the
 stream: the lines past its checkpoint are dropped (they are trained again), and TensorBoard
-is told to purge them (``purge_step``). Process 0 alone writes.
+is told to purge them, in an event file of the resume's own. Process 0 alone writes.
 """
 
 from __future__ import annotations
@@ -45,6 +45,50 @@ def read(path: str) -> list[dict]:
   return out
 
 
+class EventFile:
+  """A TensorBoard event file written synchronously: each step's scalars are on disk when
+  :meth:`scalars` returns, as its JSON line is (tensorboardX's ``SummaryWriter`` queues
+  them for a thread, so a crash loses the last ones). Its records are tensorboardX's.
+
+  A file of its own for each start: a run resumed at step ``start`` begins its file with
+  the event that tells TensorBoard to drop every earlier file's events at later steps
+  (a ``SessionLog.START`` at ``start + 1``, what ``SummaryWriter(purge_step=...)`` writes).
+  """
+
+  def __init__(self, folder: str, *, start: int):
+    import socket
+    import time
+
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import RecordWriter
+
+    self._pb, self._time = event_pb2, time.time
+    os.makedirs(folder, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.from-{start}")
+    self._file = RecordWriter(os.path.join(folder, name))
+    self._put(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    if start:
+      self._put(event_pb2.Event(wall_time=time.time(), step=start + 1,
+                                session_log=event_pb2.SessionLog(
+                                    status=event_pb2.SessionLog.START)))
+    self._file.flush()
+
+  def _put(self, event: Any) -> None:
+    self._file.write(event.SerializeToString())
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    from tensorboardX.proto import summary_pb2
+
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v)
+                                         for k, v in values.items()])
+    self._put(self._pb.Event(wall_time=self._time(), step=step, summary=summary))
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
 class MetricsStream:
   """The metrics of one seed's run, from step ``start`` on.
 
@@ -70,10 +114,7 @@ class MetricsStream:
     if report_to == "tensorboard" and not tensorboard_available():
       raise ImportError("--report-to tensorboard needs tensorboardX: pip install tensorboardX")
     if use_tb:
-      from tensorboardX import SummaryWriter
-
-      self.writer = SummaryWriter(os.path.join(folder, TENSORBOARD),
-                                  purge_step=start if start else None)
+      self.writer = EventFile(os.path.join(folder, TENSORBOARD), start=start)
 
   def write(self, step: int, values: dict[str, float]) -> None:
     """One step's scalars (non-finite ones as ``null`` in the JSON, left out of TensorBoard)."""
@@ -84,9 +125,7 @@ class MetricsStream:
     self.file.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
     self.file.flush()
     if self.writer is not None:
-      for k, v in clean.items():
-        if v is not None:
-          self.writer.add_scalar(k, v, step)
+      self.writer.scalars(step, {k: v for k, v in clean.items() if v is not None})
 
   def evaluation(self, step: int, metrics: dict[str, Any]) -> None:
     """An evaluation's metrics, ``{split: {metric: value}}`` or ``{name: value}``, as
