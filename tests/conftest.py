@@ -5,6 +5,7 @@ on ``sys.path`` for that (the suite imports test modules in importlib mode).
 """
 
 import contextlib
+import hashlib
 import os
 import sys
 
@@ -46,3 +47,38 @@ def dies_at_batch(monkeypatch):
       monkeypatch.setattr(data, "make_batch", real)
 
   return patch
+
+
+# -- a finished run, for the bad-input tests (test_bad_input.py, test_fuzz.py) --
+
+BASE = ["train", "--task", "rte", "--model", TINY, "--data-dir", GLUE, "--epochs", "1",
+        "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
+        "--no-save-model"]
+
+
+def snapshot(folder):
+  """Every file under ``folder`` (hidden ones too) with the SHA-256 of its bytes."""
+  out = {}
+  for root, dirs, names in os.walk(folder):
+    dirs.sort()
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    for d in dirs:
+      out.setdefault(os.path.relpath(os.path.join(root, d), folder) + "/", "dir")
+  return out
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+  """A finished vanilla RTE run and a finished D run (templates: tests copy them; made once a
+  worker)."""
+  from childtune_jax.app import cli
+
+  root = tmp_path_factory.mktemp("finished")
+  for mode in ("vanilla", "D"):
+    assert cli.main([*BASE, "--mode", mode, "--output-dir", str(root / mode)]) == 0
+  return root
+
+

@@ -4,7 +4,6 @@ Exit codes: 0 done, 1 a run that failed (diverged, disk), 2 bad input or options
 interrupted. A finished run stays byte-identical through every failure.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,37 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import GLUE, HERE, TINY
+from conftest import BASE, GLUE, HERE, TINY, snapshot
 
 from childtune_jax import child_tuning_f
 from childtune_jax.app import classifier, cli, data
-
-BASE = ["train", "--task", "rte", "--model", TINY, "--data-dir", GLUE, "--epochs", "1",
-        "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "1e-3",
-        "--no-save-model"]
-
-
-def snapshot(folder):
-  """Every file under ``folder`` (hidden ones too) with the SHA-256 of its bytes."""
-  out = {}
-  for root, dirs, names in os.walk(folder):
-    dirs.sort()
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    for d in dirs:
-      out.setdefault(os.path.relpath(os.path.join(root, d), folder) + "/", "dir")
-  return out
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  """A finished vanilla RTE run and a finished D run (templates: tests copy them)."""
-  root = tmp_path_factory.mktemp("finished")
-  for mode in ("vanilla", "D"):
-    assert cli.main([*BASE, "--mode", mode, "--output-dir", str(root / mode)]) == 0
-  return root
 
 
 @pytest.fixture
@@ -459,7 +431,7 @@ def test_overwrite_whose_replace_fails_half_way_restores_every_entry(finished, t
   for seed in (1, 2):
     with open(out / f"seed-{seed}" / "results.json") as f:
       assert json.load(f)["config"]["mode"] == "F"
-  assert sorted(os.listdir(out)) == ["seed-1", "seed-2", "summary.json"]
+  assert sorted(os.listdir(out)) == ["curves.png", "seed-1", "seed-2", "summary.json"]
 
 
 def test_a_replace_killed_half_way_is_undone_or_finished(finished, tmp_path):

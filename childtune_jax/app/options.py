@@ -30,6 +30,23 @@ def _default_text(field: Any, fl: config.Flag) -> str:
   return f" (default {default})"
 
 
+def _value_kwargs(field: Any, fl: config.Flag) -> dict[str, Any]:
+  """What an option that takes a value passes to argparse: its type, choices, metavar, and
+  ``nargs`` for a tuple field (or ``append`` for a repeatable one)."""
+  kwargs: dict[str, Any] = {}
+  if fl.type is not None:
+    kwargs["type"] = fl.type
+  if fl.choices is not None:
+    kwargs["choices"] = fl.choices
+  if fl.metavar is not None:
+    kwargs["metavar"] = fl.metavar
+  if fl.repeat:
+    kwargs["action"] = "append"
+  elif isinstance(field.default, tuple):
+    kwargs["nargs"] = "+"
+  return kwargs
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, command: str,
               groups: dict[str, Any] | None = None) -> None:
   """Adds an option for every field of ``cls`` that ``command`` offers."""
@@ -48,17 +65,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, command: str,
     if fl.switch:
       kwargs.update(action="store_true", dest=fl.dest)
     else:
-      kwargs.update(default=None, dest=fl.dest)
-      if fl.type is not None:
-        kwargs["type"] = fl.type
-      if fl.choices is not None:
-        kwargs["choices"] = fl.choices
-      if fl.metavar is not None:
-        kwargs["metavar"] = fl.metavar
-      if fl.repeat:
-        kwargs["action"] = "append"
-      elif isinstance(field.default, tuple):
-        kwargs["nargs"] = "+"
+      kwargs.update(default=None, dest=fl.dest, **_value_kwargs(field, fl))
     target.add_argument(fl.name, **kwargs)
 
 
@@ -77,13 +84,8 @@ def add_run_options(parser: argparse.ArgumentParser, cls: type, command: str) ->
       groups[fl.group] = parser.add_argument_group(fl.group)
     target = groups[fl.group] if fl.group else parser
     default = list(field.default) if isinstance(field.default, tuple) else field.default
-    kwargs: dict[str, Any] = {"help": fl.help + _default_text(field, fl), "default": default}
-    if fl.type is not None:
-      kwargs["type"] = fl.type
-    if fl.metavar is not None:
-      kwargs["metavar"] = fl.metavar
-    if isinstance(field.default, tuple):
-      kwargs["nargs"] = "+"
+    kwargs: dict[str, Any] = {"help": fl.help + _default_text(field, fl), "default": default,
+                              **_value_kwargs(field, fl)}
     if fl.dest == "preset":
       from childtune_jax.app import presets
 
