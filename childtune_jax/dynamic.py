@@ -438,8 +438,29 @@ def child_tuning_dynamic_adamw(
   ``optax.adamw`` with :func:`scale_by_dynamic_adam` in place of ``scale_by_adam``:
   ``chain(scale_by_dynamic_adam(...), add_decayed_weights(weight_decay, mask),
   scale_by_learning_rate(learning_rate))``. Weight decay, as in every Child-Tuning
-  optimizer here, applies to every decayed scalar, in the network or not. The arguments are
-  ``optax.adamw``'s and :func:`scale_by_dynamic_adam`'s.
+  optimizer here, applies to every decayed scalar, in the network or not.
+
+  Args:
+    learning_rate: a fixed rate or an optax schedule.
+    reserve_p: the fraction of the selected scalars in the network, in (0, 1].
+    every: steps between selections (counted after ``full_stage``).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay (the second moment is the network's score).
+    eps: added to the root of the bias-corrected second moment.
+    eps_root: added under the root.
+    weight_decay: decoupled weight decay, applied as ``optax.adamw`` applies it.
+    mask: which leaves decay: a pytree of bools or a function of the params, as
+      ``optax.adamw``'s ``mask``; ``None`` decays every leaf.
+    scope: ``"global"``, one threshold over all selected leaves; ``"per_leaf"``, the top
+      ``reserve_p`` of each leaf.
+    full_stage: steps that update every scalar before the first selection.
+    alternate: repeat the full stage before every selection (DPS's schedule).
+    where: which leaves the network masks (a predicate on the path, or a bool pytree);
+      the others are always updated.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is ``(DynamicAdamState, ...)``; the
+    network is :func:`current_keep` of its first element.
 
   Examples:
     >>> from childtune_jax import child_tuning_dynamic_adamw, is_encoder_layer

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,9 @@ import optax
 from childtune_jax import _tree
 from childtune_jax import packing as _packing
 
-SAMPLERS = ("hash8", "uint8", "uint16", "bernoulli")
+Sampler = Literal["hash8", "uint8", "uint16", "bernoulli"]
+Mode = Literal["F", "D"]
+SAMPLERS: tuple[Sampler, ...] = ("hash8", "uint8", "uint16", "bernoulli")
 """How :func:`child_tuning_f` draws its keep-mask (default ``"hash8"``).
 
 Random bits are the cost of Child-Tuning_F. On a BERT-base-sized update on CPU
@@ -133,7 +135,7 @@ def _packed_keep(
 
 
 def keep_mask_f(
-    key: jax.Array, reserve_p: Any, shape: tuple[int, ...], sampler: str = "bernoulli"
+    key: jax.Array, reserve_p: Any, shape: tuple[int, ...], sampler: Sampler = "bernoulli"
 ) -> tuple[jax.Array, jax.Array]:
   """One Child-Tuning_F keep-mask and the keep probability it realises."""
   if sampler == "bernoulli":
@@ -154,7 +156,7 @@ def child_tuning_f(
     *,
     rescale: bool = True,
     where: _tree.Where = None,
-    sampler: str = "hash8",
+    sampler: Sampler = "hash8",
 ) -> optax.GradientTransformation:
   r"""Child-Tuning_F: masks updates with a fresh Bernoulli keep-mask every step.
 
@@ -368,7 +370,7 @@ def default_weight_decay_mask(params: optax.Params) -> Any:
 def child_tuning_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    mode: str,
+    mode: Mode,
     reserve_p: float = 0.3,
     key: int | jax.Array | None = None,
     keep: optax.Params | None = None,
@@ -378,7 +380,7 @@ def child_tuning_adamw(
     weight_decay: float = 0.01,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     where: _tree.Where = None,
-    sampler: str = "hash8",
+    sampler: Sampler = "hash8",
     freeze_non_child: bool = False,
     packing: str | None = None,
 ) -> optax.GradientTransformation:

@@ -477,3 +477,19 @@ def test_a_method_whose_first_test_run_is_unfinished_is_not_reported(tmp_path):
          {"metrics": {"heldout": {"accuracy": 0.8}, "sick/test": {"accuracy": 0.5}}})
   os.makedirs(root / "test" / "F" / "seed-101" / "checkpoints" / "100")  # running
   assert list(analyze.load_task(str(root))["tests"]) == ["vanilla"]
+
+
+def test_the_readme_counts_the_dynamic_networks_selections_as_the_records_do():
+  # The README's count of a test run's selections (the first one included) against the
+  # records: every selection is an entry of child_network/selections.
+  import glob
+  import re
+
+  root = os.path.join(HERE, os.pardir, "results", "tuned")
+  counts = {len(json.load(open(f))["child_network"]["selections"])
+            for f in glob.glob(os.path.join(root, "*", "test", "dynamic", "seed-*",
+                                            "results.json"))}
+  with open(os.path.join(root, "README.md")) as f:
+    said = re.search(r"test runs' selections \((\d+)-(\d+) a run, the first included", f.read())
+  assert said, "the README no longer says how many selections a run made"
+  assert counts and (min(counts), max(counts)) == (int(said[1]), int(said[2]))

@@ -3,7 +3,7 @@
 Grouped-query attention, rotary position embeddings with the checkpoint's theta (and Llama
 3's frequency scaling), RMSNorm, a SwiGLU MLP, and tied or untied input and output
 embeddings, computed as transformers' ``LlamaForCausalLM`` and ``Qwen2ForCausalLM``
-compute them (golden logits: ``tests/test_llama.py``).
+compute them (golden logits: ``tests/test_models_llama.py``).
 
 The layers are one stacked module (each parameter has a leading axis of ``num_layers``)
 run by ``jax.lax.scan``, so that compiling a train step takes the same time for 2 layers as
