@@ -45,8 +45,8 @@ def across_seeds(per_seed: list[dict[str, tuple[np.ndarray, np.ndarray]]]
     common = sorted(set.intersection(*(set(s[name][0].tolist()) for s in per_seed)))
     if not common:
       continue
-    rows = np.stack([np.asarray([dict(zip(s[name][0].tolist(), s[name][1]))[t] for t in common])
-                     for s in per_seed])
+    by_step = [dict(zip(s[name][0].tolist(), s[name][1])) for s in per_seed]
+    rows = np.stack([np.asarray([seed[t] for t in common]) for seed in by_step])
     out[name] = (np.asarray(common), rows.mean(0), rows.min(0), rows.max(0))
   return out
 
